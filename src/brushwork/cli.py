@@ -1,0 +1,35 @@
+"""The `brushwork` command. Each concern owns a module under brushwork.commands; this file only wires them."""
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from brushwork.commands import data, generate, train
+from brushwork.errors import BrushworkError
+
+
+class _Group(TyperGroup):
+    """Turns BrushworkError from any subcommand into a clean `Error: ...` line and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrushworkError as error:
+            raise click.ClickException(str(error)) from None
+
+
+app = typer.Typer(
+    name="brushwork",
+    cls=_Group,
+    help="Train, generate, serve and evaluate text-to-image models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data.app, name="data")
+app.add_typer(train.app, name="train")
+app.command("generate")(generate.generate)
+app.command("info")(generate.info)
+
+if __name__ == "__main__":
+    app()
