@@ -1,21 +1,21 @@
 """The `brushwork` command. Each concern owns a module under brushwork.commands; this file only wires them."""
 
-import click
 import typer
 from typer.core import TyperGroup
 
-from brushwork.commands import data, generate, train
+from brushwork.commands import data, eval, generate, train
 from brushwork.errors import BrushworkError
 
 
 class _Group(TyperGroup):
-    """Turns BrushworkError from any subcommand into a clean `Error: ...` line and exit code 1."""
+    """Turns BrushworkError from any subcommand into a `Error: ...` line on stderr and exit code 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except BrushworkError as error:
-            raise click.ClickException(str(error)) from None
+            typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.command("generate")(generate.generate)
 app.command("info")(generate.info)
+app.command("eval")(eval.evaluate)
 
 if __name__ == "__main__":
     app()

@@ -1,5 +1,120 @@
-"""`brushwork data ...` (placeholder until its owner fills it in)."""
+"""`brushwork data ...`: write the built-in data sets to folders, inspect and preview any data set."""
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(help="data commands", no_args_is_help=True)
+from brushwork.data import io
+from brushwork.data.dataset import open_source
+from brushwork.data.emoji import ATTRIBUTION
+from brushwork.errors import BrushworkError
+
+app = typer.Typer(help="Write, inspect and preview image-caption data sets.", no_args_is_help=True)
+console = Console()
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Folder to write (must be empty or new).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+
+
+def parse_task_weights(text: str | None) -> dict[str, float] | None:
+    """"single=1,counting=2" -> {"single": 1.0, "counting": 2.0}."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError(part)
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise BrushworkError(
+                f"--tasks: expected NAME=WEIGHT pairs like single=1,counting=2, got {part!r}") from None
+    return weights
+
+
+@app.command()
+def shapes(
+    n: Annotated[int, typer.Option("--n", help="Number of images.")],
+    out: Out,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same images.")] = 0,
+    size: Annotated[int, typer.Option(help="Canvas side in pixels (at least 48).")] = 64,
+    tasks: Annotated[str | None, typer.Option(
+        help="Task weights, e.g. single=1,two_objects=1,counting=2,position=1 (default: equal).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Render N shapes images with captions (and each scene as data) into a folder."""
+    if n < 1:
+        raise BrushworkError(f"--n must be at least 1, got {n}")
+    count = io.write_shapes(out, n, seed=seed, size=size, task_weights=parse_task_weights(tasks),
+                            overwrite=overwrite)
+    console.print(f"wrote {count} shapes images to {out}")
+
+
+@app.command()
+def emoji(
+    out: Out,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many emoji (for a quick try).")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Render the OpenMoji emoji with their CLDR names into a folder (with its CC BY-SA 4.0 ATTRIBUTION)."""
+    if size < 8:
+        raise BrushworkError(f"--size must be at least 8 px, got {size}")
+    if limit is not None and limit < 1:
+        raise BrushworkError(f"--limit must be at least 1, got {limit}")
+    build = io.write_emoji(out, size=size, limit=limit, overwrite=overwrite)
+    skipped = ", ".join(f"{reason}: {count}" for reason, count in build.skipped_by_reason().most_common())
+    console.print(f"built {len(build.items)} emoji into {out}; skipped {len(build.skipped)}"
+                  + (f" ({skipped})" if skipped else ""))
+    console.print(ATTRIBUTION, highlight=False)
+
+
+def _stats_row(table: Table, name: str, stats: io.Stats) -> None:
+    table.add_row(name, f"{stats.min:g}", f"{stats.mean:.1f}", f"{stats.max:g}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="Data set folder, .tar shard or folder of shards.")],
+    problems: Annotated[int, typer.Option(help="Show at most this many problems (0: all).")] = 0,
+) -> None:
+    """Counts, caption lengths, image sizes and every problem found (per file, with its reason)."""
+    found = io.inspect_dataset(path)
+    report = found.report
+    console.print(f"data set: {found.path} ({found.layout} layout)", soft_wrap=True, highlight=False)
+    console.print(f"usable image-caption pairs: {report.loaded}\nproblems: {len(report.skipped)}\n"
+                  f"distinct captions: {found.unique_captions}")
+    table = Table("", "min", "mean", "max")
+    _stats_row(table, "caption words", found.words)
+    _stats_row(table, "caption tokens (pre-BPE)", found.tokens)
+    _stats_row(table, "image width", found.widths)
+    _stats_row(table, "image height", found.heights)
+    console.print(table)
+    if found.modes:
+        console.print("modes: " + ", ".join(f"{mode} {count}" for mode, count in found.modes.most_common())
+                      + "; formats: " + ", ".join(f"{fmt} {count}" for fmt, count in found.formats.most_common()))
+    if report.skipped:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in report.reasons().most_common())
+        console.print(f"[bold]problems[/bold] ({kinds}):")
+        shown = report.skipped if problems == 0 else report.skipped[:problems]
+        for name, reason in shown:
+            console.print(f"  {name}: {reason}", highlight=False, markup=False, soft_wrap=True)
+        if len(shown) < len(report.skipped):
+            console.print(f"  ... and {len(report.skipped) - len(shown)} more")
+
+
+@app.command()
+def preview(
+    path: Annotated[str, typer.Argument(help="Data set folder, .tar shard(s), or 'shapes' / 'emoji'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("grid.png"),
+    n: Annotated[int, typer.Option("--n", help="Number of samples.")] = 16,
+    seed: Annotated[int, typer.Option(help="Which samples: the same seed picks the same ones.")] = 0,
+) -> None:
+    """Write a PNG grid of samples with their captions under each image."""
+    source = open_source(path, n=max(n, 1000) if path == "shapes" else None)
+    written = io.write_preview(source, out, n=n, seed=seed)
+    console.print(f"wrote {written} ({min(n, len(source))} samples)")

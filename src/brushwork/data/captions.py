@@ -1,0 +1,152 @@
+"""The caption grammar of the shapes data set.
+
+Every caption is lower case and has one of these forms:
+
+    single       a [small|large] {color} {shape}
+    counting     two|three|four {color} {shape}s
+    two_objects  a {color} {shape} and a {color} {shape}            (two different colours)
+    position     a {color} {shape} left of|right of|above|below a {color} {shape}   (two different colours)
+
+`parse_caption` turns a caption into a `PromptSpec` (what an image must hold), `format_caption` is its
+inverse and `all_captions` enumerates the grammar. The vocabulary lives here; the palette (RGB fills)
+lives in `brushwork.data.shapes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TASKS: tuple[str, ...] = ("single", "two_objects", "counting", "position")
+SIZES: tuple[str, ...] = ("small", "large")
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+COUNT_WORDS: dict[str, int] = {"two": 2, "three": 3, "four": 4}
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    color: str
+    shape: str
+    size: str | None = None  # "small" | "large" | None; only single-object captions carry a size
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What an image must hold. `count` is how many copies of objects[0] a counting prompt asks for;
+    it is 1 for every other task. For two_objects and position, objects is (A, B) in caption order and
+    `relation` says where A lies relative to B."""
+
+    task: str
+    objects: tuple[ObjectSpec, ...]
+    count: int = 1
+    relation: str | None = None
+
+
+def _read_word(tokens: list[str], i: int, choices: tuple[str, ...], what: str, text: str) -> str:
+    if i >= len(tokens):
+        raise ValueError(f"caption {text!r} ends early: expected a {what} ({', '.join(choices)})")
+    if tokens[i] not in choices:
+        raise ValueError(f"unknown {what} {tokens[i]!r} in caption {text!r}; expected one of: {', '.join(choices)}")
+    return tokens[i]
+
+
+def _read_object(tokens: list[str], i: int, allow_size: bool, text: str) -> tuple[ObjectSpec, int]:
+    """Reads `a [size] {color} {shape}` starting at tokens[i]; returns the spec and the next index."""
+    _read_word(tokens, i, ("a",), "article", text)
+    i += 1
+    size = None
+    if allow_size and i < len(tokens) and tokens[i] in SIZES:
+        size = tokens[i]
+        i += 1
+    color = _read_word(tokens, i, COLOR_NAMES, "colour", text)
+    shape = _read_word(tokens, i + 1, SHAPES, "shape", text)
+    return ObjectSpec(color, shape, size), i + 2
+
+
+def parse_caption(text: str) -> PromptSpec:
+    """Parses a caption of the shapes grammar (case and repeated spaces are ignored).
+
+    Raises ValueError naming the problem if the text is not in the grammar."""
+    tokens = text.lower().split()
+    if not tokens:
+        raise ValueError("caption is empty")
+
+    if tokens[0] in COUNT_WORDS:
+        if len(tokens) != 3:
+            raise ValueError(f"counting caption {text!r} must read '<two|three|four> <colour> <shape>s'")
+        color = _read_word(tokens, 1, COLOR_NAMES, "colour", text)
+        plural = tokens[2]
+        if not plural.endswith("s") or plural[:-1] not in SHAPES:
+            raise ValueError(f"unknown plural shape {plural!r} in caption {text!r}; expected one of: "
+                             + ", ".join(s + "s" for s in SHAPES))
+        return PromptSpec("counting", (ObjectSpec(color, plural[:-1]),), count=COUNT_WORDS[tokens[0]])
+
+    first, i = _read_object(tokens, 0, allow_size=True, text=text)
+    if i == len(tokens):
+        return PromptSpec("single", (first,))
+    if first.size is not None:
+        raise ValueError(f"caption {text!r}: a size (small/large) is only allowed in single-object captions")
+
+    if tokens[i] == "and":
+        task, relation, i = "two_objects", None, i + 1
+    elif tokens[i] in ("above", "below"):
+        task, relation, i = "position", tokens[i], i + 1
+    elif tokens[i] in ("left", "right") and i + 1 < len(tokens) and tokens[i + 1] == "of":
+        task, relation, i = "position", f"{tokens[i]} of", i + 2
+    else:
+        raise ValueError(f"caption {text!r}: expected 'and', 'left of', 'right of', 'above' or 'below' "
+                         f"after the first object, got {' '.join(tokens[i:])!r}")
+
+    second, i = _read_object(tokens, i, allow_size=False, text=text)
+    if i != len(tokens):
+        raise ValueError(f"caption {text!r} has extra words at the end: {' '.join(tokens[i:])!r}")
+    if first.color == second.color:
+        raise ValueError(f"caption {text!r}: the two objects must have different colours")
+    return PromptSpec(task, (first, second), relation=relation)
+
+
+def _object_phrase(obj: ObjectSpec) -> str:
+    return " ".join(w for w in ("a", obj.size, obj.color, obj.shape) if w)
+
+
+def format_caption(spec: PromptSpec) -> str:
+    """The caption of a spec; the inverse of parse_caption. Raises ValueError for a spec outside the grammar."""
+    if spec.task == "single" and len(spec.objects) == 1:
+        caption = _object_phrase(spec.objects[0])
+    elif spec.task == "counting" and len(spec.objects) == 1 and spec.count in COUNT_WORDS.values():
+        word = next(w for w, n in COUNT_WORDS.items() if n == spec.count)
+        caption = f"{word} {spec.objects[0].color} {spec.objects[0].shape}s"
+    elif spec.task == "two_objects" and len(spec.objects) == 2:
+        caption = f"{_object_phrase(spec.objects[0])} and {_object_phrase(spec.objects[1])}"
+    elif spec.task == "position" and len(spec.objects) == 2 and spec.relation in RELATIONS:
+        caption = f"{_object_phrase(spec.objects[0])} {spec.relation} {_object_phrase(spec.objects[1])}"
+    else:
+        raise ValueError(f"spec is not in the caption grammar: {spec}")
+    if parse_caption(caption) != spec:
+        raise ValueError(f"spec is not in the caption grammar: {spec}")
+    return caption
+
+
+def all_specs(task: str | None = None) -> list[PromptSpec]:
+    """Every PromptSpec of the grammar (for one task, or all tasks)."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
+    pairs = [(c, s) for c in COLOR_NAMES for s in SHAPES]
+    specs = []
+    if task in (None, "single"):
+        specs += [PromptSpec("single", (ObjectSpec(c, s, size),)) for c, s in pairs for size in (None, *SIZES)]
+    if task in (None, "counting"):
+        specs += [PromptSpec("counting", (ObjectSpec(c, s),), count=n) for c, s in pairs for n in COUNT_WORDS.values()]
+    two = [(ObjectSpec(*a), ObjectSpec(*b)) for a, b in itertools.permutations(pairs, 2) if a[0] != b[0]]
+    if task in (None, "two_objects"):
+        specs += [PromptSpec("two_objects", objects) for objects in two]
+    if task in (None, "position"):
+        specs += [PromptSpec("position", objects, relation=rel) for objects in two for rel in RELATIONS]
+    return specs
+
+
+def all_captions(task: str | None = None) -> list[str]:
+    """Every caption of the grammar (for one task, or all tasks), sorted."""
+    return sorted(format_caption(spec) for spec in all_specs(task))

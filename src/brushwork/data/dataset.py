@@ -1,0 +1,111 @@
+"""`open_dataset`: one entry point from a data set name or path to a torch Dataset of model tensors."""
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from brushwork.data.folder import FolderDataset, LoadReport
+from brushwork.data.io import write_emoji
+from brushwork.data.shapes import ShapesDataset
+from brushwork.data.transforms import ImageTransform
+from brushwork.errors import BrushworkError
+
+NAMES = ("shapes", "emoji")
+SHAPES_DEFAULT_N = 100_000
+SHAPES_CANVAS = 64   # the shapes contract is drawn at 64 px; other resolutions are resized by the transform
+ACCEPTED = ("'shapes', 'emoji', or a path: a folder of images with metadata.jsonl (file_name, text) "
+            "or a .txt caption beside each image, a WebDataset .tar shard, or a folder of .tar shards")
+
+__all__ = ["open_dataset", "open_source", "ImageTextDataset", "LoadReport", "cache_root", "emoji_folder"]
+
+
+def cache_root() -> Path:
+    """~/.cache/brushwork, or $BRUSHWORK_CACHE when set."""
+    return Path(os.environ.get("BRUSHWORK_CACHE") or "~/.cache/brushwork").expanduser()
+
+
+def emoji_folder(size: int) -> Path:
+    """The emoji data set at `size` px as a folder in the cache, built on first use.
+
+    The build goes to a per-process staging folder that is renamed into place, so concurrent first
+    uses (several training processes) never see a partial folder; the loser of the race drops its copy.
+    """
+    folder = cache_root() / f"emoji-{size}"
+    if (folder / "metadata.jsonl").is_file():
+        return folder
+    staging = folder.parent / f".{folder.name}.build-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left over from a crashed build by a process with our pid
+    try:
+        write_emoji(staging, size=size, overwrite=True)
+    except OSError as error:
+        raise BrushworkError(f"cannot write the emoji cache in {folder.parent} ({error}); "
+                             "set BRUSHWORK_CACHE to a writable folder") from None
+    try:
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "metadata.jsonl").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def open_source(spec: str | Path, resolution: int = 64, n: int | None = None, seed: int = 0
+                ) -> torch.utils.data.Dataset:
+    """The raw source behind `spec`: items {"image": PIL.Image, "text": str, ...}, with a `.report`.
+
+    For shapes, n is the number of samples (default 100,000); other sources are read whole (n is applied
+    by ImageTextDataset).
+    """
+    if resolution < 8:
+        raise BrushworkError(f"resolution must be at least 8 px, got {resolution}")
+    if spec == "shapes":
+        source = ShapesDataset(SHAPES_DEFAULT_N if n is None else n, seed, size=SHAPES_CANVAS)
+        source.report = LoadReport(loaded=len(source))
+        return source
+    if spec == "emoji":
+        return FolderDataset(emoji_folder(resolution))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BrushworkError(f"unknown data set {str(spec)!r}: no such name or path. Accepted: {ACCEPTED}")
+    return FolderDataset(path, draft_side=resolution)
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """A raw source with the image transform applied: items {"pixel_values": FloatTensor[3, H, W] in
+    [-1, 1], "text": str}. `limit` keeps the first `limit` items."""
+
+    def __init__(self, source: torch.utils.data.Dataset, transform: ImageTransform, limit: int | None = None):
+        if limit is not None and limit < 1:
+            raise BrushworkError(f"n must be at least 1, got {limit}")
+        self.source = source
+        self.transform = transform
+        self.length = len(source) if limit is None else min(limit, len(source))
+        self.report: LoadReport = source.report
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        item = self.source[index]
+        return {"pixel_values": self.transform(item["image"]), "text": item["text"]}
+
+    def captions(self) -> list[str] | Iterator[str]:
+        """Every caption (for tokenizer training) without decoding any image."""
+        if isinstance(self.source, ShapesDataset):
+            return (self.source.scene(i).caption for i in range(self.length))
+        return self.source.captions()[: self.length]
+
+
+def open_dataset(spec: str, resolution: int = 64, n: int | None = None, seed: int = 0,
+                 center_crop: bool = True, random_flip: bool = False) -> ImageTextDataset:
+    """A name ("shapes", "emoji") or a path (image folder, .tar shard, folder of shards) as a Dataset of
+    {"pixel_values", "text"} at `resolution`. For shapes, n is the sample count (default 100,000) and seed
+    picks the samples; for other sources n keeps the first n items. BrushworkError if missing or empty."""
+    source = open_source(spec, resolution, n, seed)
+    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
+    return ImageTextDataset(source, transform, limit=None if spec == "shapes" else n)

@@ -1,0 +1,1 @@
+"""Evaluation: prompt faithfulness of generated images (checker) and image metrics."""

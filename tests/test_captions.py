@@ -1,0 +1,95 @@
+import pytest
+
+from brushwork.data.captions import (
+    ObjectSpec,
+    PromptSpec,
+    all_captions,
+    all_specs,
+    format_caption,
+    parse_caption,
+)
+
+
+def test_grammar_size_and_order():
+    captions = all_captions()
+    # single 6*3*3, counting 6*3*3, two objects 18*15 ordered pairs of different colours, position 4x that
+    assert len(captions) == 54 + 54 + 270 + 1080
+    assert captions == sorted(set(captions))
+    assert {t: len(all_captions(t)) for t in ("single", "counting", "two_objects", "position")} == {
+        "single": 54, "counting": 54, "two_objects": 270, "position": 1080}
+    assert sorted(all_captions("single") + all_captions("counting") + all_captions("two_objects")
+                  + all_captions("position")) == captions
+
+
+def test_format_parse_round_trip():
+    for caption in all_captions():
+        assert format_caption(parse_caption(caption)) == caption
+    for spec in all_specs():
+        assert parse_caption(format_caption(spec)) == spec
+
+
+@pytest.mark.parametrize("caption, spec", [
+    ("a red circle", PromptSpec("single", (ObjectSpec("red", "circle"),))),
+    ("a small green square", PromptSpec("single", (ObjectSpec("green", "square", "small"),))),
+    ("a large orange triangle", PromptSpec("single", (ObjectSpec("orange", "triangle", "large"),))),
+    ("three purple triangles", PromptSpec("counting", (ObjectSpec("purple", "triangle"),), count=3)),
+    ("a blue square and a yellow circle",
+     PromptSpec("two_objects", (ObjectSpec("blue", "square"), ObjectSpec("yellow", "circle")))),
+    ("a red circle left of a blue circle",
+     PromptSpec("position", (ObjectSpec("red", "circle"), ObjectSpec("blue", "circle")), relation="left of")),
+    ("a red circle right of a blue square",
+     PromptSpec("position", (ObjectSpec("red", "circle"), ObjectSpec("blue", "square")), relation="right of")),
+    ("a green triangle below a orange square",
+     PromptSpec("position", (ObjectSpec("green", "triangle"), ObjectSpec("orange", "square")), relation="below")),
+])
+def test_parse_examples(caption, spec):
+    assert parse_caption(caption) == spec
+    assert format_caption(spec) == caption
+
+
+def test_parse_ignores_case_and_spacing():
+    assert parse_caption("  A   Red CIRCLE above a blue square ") == parse_caption("a red circle above a blue square")
+
+
+@pytest.mark.parametrize("caption, words", [
+    ("", "empty"),
+    ("a pink circle", "colour 'pink'"),
+    ("a red hexagon", "shape 'hexagon'"),
+    ("red circle", "article"),
+    ("five red circles", "article"),
+    ("one red circle", "article"),
+    ("two red circle", "plural shape"),
+    ("two red circles please", "counting caption"),
+    ("two small red circles", "counting caption"),
+    ("a medium red circle", "colour 'medium'"),
+    ("a red circle and a red square", "different colours"),
+    ("a red circle above a red square", "different colours"),
+    ("a small red circle and a blue square", "size"),
+    ("a red circle and a large blue square", "colour 'large'"),
+    ("a red circle next to a blue square", "'next to a blue square'"),
+    ("a red circle left a blue square", "expected 'and'"),
+    ("a red circle and", "ends early"),
+    ("a red circle above a blue square now", "extra words"),
+])
+def test_parse_rejects_bad_captions(caption, words):
+    with pytest.raises(ValueError, match=words):
+        parse_caption(caption)
+
+
+@pytest.mark.parametrize("spec", [
+    PromptSpec("single", (ObjectSpec("pink", "circle"),)),
+    PromptSpec("counting", (ObjectSpec("red", "circle"),), count=5),
+    PromptSpec("two_objects", (ObjectSpec("red", "circle"), ObjectSpec("red", "square"))),
+    PromptSpec("two_objects", (ObjectSpec("red", "circle", "small"), ObjectSpec("blue", "square"))),
+    PromptSpec("position", (ObjectSpec("red", "circle"), ObjectSpec("blue", "square")), relation="near"),
+    PromptSpec("single", (ObjectSpec("red", "circle"),), count=2),
+    PromptSpec("drawing", (ObjectSpec("red", "circle"),)),
+])
+def test_format_rejects_specs_outside_the_grammar(spec):
+    with pytest.raises(ValueError):
+        format_caption(spec)
+
+
+def test_all_captions_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        all_captions("drawing")
