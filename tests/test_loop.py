@@ -1,0 +1,203 @@
+"""The training loop on toy stages: learning, logs, checkpoints, EMA, NaN stop, GAN, config errors, data order."""
+
+import json
+import math
+
+import pytest
+import torch
+from loop_toy import ToyGan, ToyStage, make_config
+from safetensors.torch import load_file
+
+from brushwork.errors import BrushworkError
+from brushwork.train.loop import BaseStage, StepBatchSampler, list_checkpoints, run
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_learns_logs_checkpoints_and_ema(tmp_path):
+    config = make_config(tmp_path, 60, checkpoint_every=20, keep_checkpoints=2, log_every=10, ema_decay=0.9,
+                         sample_every=30)
+    result = run(ToyStage(), config)
+
+    log = read_log(result.log_path)
+    assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
+    assert {"loss", "mae", "grad_norm", "lr", "images_per_s", "elapsed_s"} <= set(log[0])
+    assert log[-1]["loss"] < 0.3 * log[0]["loss"]
+
+    checkpoints = list_checkpoints(tmp_path)
+    assert [c.name for c in checkpoints] == ["step-00000040", "step-00000060"]
+    assert result.checkpoint == checkpoints[-1] and result.step == 60
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert {p.name for p in checkpoints[-1].iterdir()} == {
+        "net.safetensors", "ema-net.safetensors", "training_state.pt", "state.json"}
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert state["step"] == 60 and state["fingerprint"] == ToyStage().fingerprint()
+
+    saved = load_file(checkpoints[-1] / "net.safetensors")
+    assert torch.equal(saved["0.weight"], result.modules["net"][0].weight)
+    ema_weight, raw_weight = result.ema["net"][0].weight, result.modules["net"][0].weight
+    assert not torch.allclose(ema_weight, raw_weight)
+    assert torch.equal(load_file(checkpoints[-1] / "ema-net.safetensors")["0.weight"], ema_weight)
+    assert (tmp_path / "samples" / "step-00000030.png").is_file()
+    assert (tmp_path / "samples" / "step-00000060.png").is_file()
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path):
+    whole = run(ToyStage(), make_config(tmp_path / "a", 10, batch_size=16))
+    accumulated = run(ToyStage(), make_config(tmp_path / "b", 10, batch_size=16, grad_accum=4))
+    losses_whole = [r["loss"] for r in read_log(whole.log_path)]
+    losses_acc = [r["loss"] for r in read_log(accumulated.log_path)]
+    assert losses_whole == pytest.approx(losses_acc, rel=1e-5)
+    for a, b in zip(whole.modules["net"].parameters(), accumulated.modules["net"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_cosine_schedule_with_warmup(tmp_path):
+    result = run(ToyStage(), make_config(tmp_path, 20, lr=0.1, warmup_steps=5, lr_schedule="cosine"))
+    lrs = [r["lr"] for r in read_log(result.log_path)]  # lr for the next step, logged after step s
+    expected = [0.1 * s / 5 if s < 5 else 0.1 * 0.5 * (1 + math.cos(math.pi * (s - 5) / 15)) for s in range(1, 21)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+
+
+def test_bf16_autocast_runs(tmp_path):
+    result = run(ToyStage(), make_config(tmp_path, 10, mixed_precision="bf16"))
+    losses = [r["loss"] for r in read_log(result.log_path)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert json.loads((result.checkpoint / "state.json").read_text())["mixed_precision"] == "bf16"
+    # accelerate's autocast patch on forward() is removed again from the returned module
+    assert "_original_forward" not in vars(result.modules["net"])
+
+
+def test_nan_loss_stops_and_names_last_good_checkpoint(tmp_path):
+    config = make_config(tmp_path, 40, checkpoint_every=10, log_every=5)
+    with pytest.raises(BrushworkError) as error:
+        run(ToyStage(nan_at_call=23), config)  # loss call 23 belongs to step 23
+    message = str(error.value)
+    assert "step 23" in message and "step-00000020" in message and "resume" in message
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
+
+
+def test_nan_before_any_checkpoint(tmp_path):
+    with pytest.raises(BrushworkError, match="step 2;.*No checkpoint"):
+        run(ToyStage(nan_at_call=2), make_config(tmp_path, 10, checkpoint_every=5))
+
+
+def test_gan_stage_steps_both_optimizers(tmp_path):
+    stage = ToyGan()
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in stage.modules().items()}
+    result = run(stage, make_config(tmp_path, 8, lr=1e-3, ema_decay=0.5))
+    for name, module in result.modules.items():
+        assert all(not torch.equal(a, b) for a, b in zip(before[name], module.parameters())), name
+    record = read_log(result.log_path)[-1]
+    assert {"loss/d", "loss/g", "lr/d", "lr/g", "d/grad_norm", "g/grad_norm", "d/d_real"} <= set(record)
+    assert record["loss"] == pytest.approx(record["loss/d"] + record["loss/g"])
+    assert set(result.ema) == {"g", "d"}
+
+
+def test_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(BrushworkError, match="Cannot write to the output folder"):
+        run(ToyStage(), make_config(blocker / "run", 5))
+
+
+def test_existing_checkpoints_need_resume(tmp_path):
+    run(ToyStage(), make_config(tmp_path, 5))
+    with pytest.raises(BrushworkError, match="already holds checkpoints.*resume=True"):
+        run(ToyStage(), make_config(tmp_path, 10))
+
+
+def test_finished_run_resumes_without_training(tmp_path):
+    first = run(ToyStage(), make_config(tmp_path, 5))
+    stage = ToyStage()
+    again = run(stage, make_config(tmp_path, 5, resume=True))
+    assert stage.calls == 0 and again.step == 5 and again.checkpoint == first.checkpoint
+    assert torch.equal(again.modules["net"][0].weight, first.modules["net"][0].weight)
+
+
+def test_resume_without_checkpoint_starts_at_zero(tmp_path):
+    result = run(ToyStage(), make_config(tmp_path, 3, resume=True))
+    assert result.step == 3 and [r["step"] for r in read_log(result.log_path)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    ({"batch_size": 10, "grad_accum": 3}, "divisible"),
+    ({"lr_schedule": "linear"}, "lr_schedule"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"mixed_precision": "fp16"}, "fp16"),
+    ({"max_steps": 0}, "max_steps"),
+])
+def test_bad_config(tmp_path, overrides, pattern):
+    with pytest.raises(BrushworkError, match=pattern):
+        run(ToyStage(), make_config(tmp_path, 5, **overrides))
+
+
+def test_empty_dataset(tmp_path):
+    class Empty(ToyStage):
+        def dataset(self):
+            return []
+
+    with pytest.raises(BrushworkError, match="empty"):
+        run(Empty(), make_config(tmp_path, 5))
+
+
+def test_module_in_no_optimizer_is_rejected(tmp_path):
+    class Orphan(ToyGan):
+        def optimizers(self):
+            return {"g": ["g"]}
+
+    with pytest.raises(ValueError, match="in none: \\['d'\\]"):
+        run(Orphan(), make_config(tmp_path, 5))
+
+
+def test_base_stage_defaults():
+    class Minimal(BaseStage):
+        def modules(self):
+            return {"a": torch.nn.Linear(1, 1), "b": torch.nn.Linear(1, 1)}
+
+        def dataset(self):
+            return []
+
+        def loss(self, optimizer, modules, batch, generator):
+            raise AssertionError
+
+        def fingerprint(self):
+            return {}
+
+    stage = Minimal()
+    assert stage.optimizers() == {"main": ["a", "b"]} and stage.sample({}, 0) is None
+    assert stage.collate([{"x": torch.ones(2)}, {"x": torch.zeros(2)}])["x"].shape == (2, 2)
+
+
+def positions_and_indices(num_items, batch, accum, world, steps, start=0):
+    """Global batch per step as one flat list, gathered from every rank's micro-batches."""
+    per_rank = [list(StepBatchSampler(num_items, batch, accum, r, world, seed=3, start_step=start, max_steps=steps))
+                for r in range(world)]
+    out = []
+    for s in range(steps - start):
+        for r in range(world):
+            for micro in per_rank[r][s * accum:(s + 1) * accum]:
+                out.extend(micro)
+    return out
+
+
+def test_data_order_is_the_same_for_any_split_and_resume():
+    one = positions_and_indices(10, 8, 1, 1, steps=5)
+    assert [p for p, _ in one] == list(range(40))
+    assert sorted(i for _, i in one[:10]) == list(range(10))  # each epoch is a permutation
+    assert sorted(i for _, i in one[10:20]) == list(range(10))
+    assert [i for _, i in one[:10]] != [i for _, i in one[10:20]]  # a new order each epoch
+    assert positions_and_indices(10, 8, 2, 2, steps=5) == one  # 2 ranks x 2 micro-batches
+    assert positions_and_indices(10, 8, 4, 1, steps=5) == one
+    assert positions_and_indices(10, 8, 1, 2, steps=5, start=3) == one[24:]  # resume at step 3
+
+
+def test_data_loader_workers_change_nothing(tmp_path):
+    randomized = dict(noise=0.1, dropout=0.2, augment=0.05)
+    inline = run(ToyStage(**randomized), make_config(tmp_path / "a", 6))
+    workers = run(ToyStage(**randomized), make_config(tmp_path / "b", 6, num_workers=2))
+    assert read_log(inline.log_path)[-1]["loss"] == read_log(workers.log_path)[-1]["loss"]
+    for a, b in zip(inline.modules["net"].parameters(), workers.modules["net"].parameters()):
+        assert torch.equal(a, b)
