@@ -3,7 +3,7 @@
 import typer
 from typer.core import TyperGroup
 
-from brushwork.commands import data, eval, generate, train
+from brushwork.commands import data, eval, generate, serve, train
 from brushwork.errors import BrushworkError
 
 
@@ -31,6 +31,8 @@ app.add_typer(train.app, name="train")
 app.command("generate")(generate.generate)
 app.command("info")(generate.info)
 app.command("eval")(eval.evaluate)
+app.command("serve")(serve.serve)
+app.add_typer(serve.watermark_app, name="watermark")
 
 if __name__ == "__main__":
     app()

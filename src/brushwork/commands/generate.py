@@ -1,11 +1,173 @@
-"""`brushwork generate` and `brushwork info` (placeholder until its owner fills it in)."""
+"""`brushwork generate` and `brushwork info`."""
+
+import json
+import random
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from brushwork.errors import BrushworkError
+
+PRECISIONS = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def generate(prompt: str) -> None:
-    """Generate images from a prompt."""
-    raise SystemExit("not built yet")
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
 
 
-def info(image: str) -> None:
+def _free(path: Path, taken: set[Path]) -> bool:
+    return not path.exists() and path not in taken
+
+
+def output_paths(output: Path | None, count: int) -> list[Path]:
+    """Where `count` images go; existing files are never overwritten (a counter is added instead).
+
+    None or a folder (existing, or written with a trailing slash) -> numbered files 00000.png, ...
+    x.png -> x.png for one image, x-0.png, x-1.png, ... for several.
+    """
+    output = Path(".") if output is None else output
+    is_folder = output.is_dir() or str(output).endswith(("/", "\\")) or not output.suffix
+    if not is_folder and output.suffix.lower() != ".png":
+        raise BrushworkError(f"-o {output}: brushwork writes PNG files; use a .png name or a folder")
+    paths: list[Path] = []
+    taken: set[Path] = set()
+    if is_folder:
+        output.mkdir(parents=True, exist_ok=True)
+        candidates = (output / f"{i:05d}.png" for i in range(10**6))
+    else:
+        if not output.parent.is_dir():
+            raise BrushworkError(f"output folder does not exist: {output.parent}")
+        if count == 1 and not output.exists():
+            return [output]
+        start = 0 if count > 1 else 1
+        candidates = (output.with_name(f"{output.stem}-{i}.png") for i in range(start, 10**6))
+    for candidate in candidates:
+        if _free(candidate, taken):
+            paths.append(candidate)
+            taken.add(candidate)
+            if len(paths) == count:
+                return paths
+    raise BrushworkError(f"no free file names left at {output}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise BrushworkError(f"prompts file not found: {path}")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise BrushworkError(f"{path} is not UTF-8 text") from None
+    if not prompts:
+        raise BrushworkError(f"{path} holds no prompts (one prompt per line expected)")
+    return prompts
+
+
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
+    num_images: Annotated[Optional[int], typer.Option("-n", "--num-images", help="Images per prompt [default: 1].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image (image k uses seed + k); random if not given.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps [default: 20].")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 turns it off [default: 5].")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun (or AUTOMATIC1111 names) [default: dpm++].")] = None,
+    negative: Annotated[Optional[str], typer.Option(help="Negative prompt.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder or SD .safetensors file [default: the shipped model].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps [default: best available].")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Image height in pixels [default: the model's size].")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width in pixels [default: the model's size].")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32 (matches diffusers exactly), bf16 or fp16.")] = "auto",
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="x.png, or a folder for numbered files [default: current folder].")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line.")] = None,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
+) -> None:
+    """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
+    import torch
+
+    from brushwork.pipeline import BrushworkPipeline, GenerationCancelled, resolve_sampler
+    from brushwork.pnginfo import read_parameters, save_png
+
+    stored: dict = {}
+    if from_image is not None:
+        stored = read_parameters(from_image)
+    sources = [prompt is not None, prompts_file is not None, from_image is not None]
+    if sum(sources) == 0:
+        raise BrushworkError("give a prompt, --prompts FILE, or --from IMAGE.png")
+    if prompt is not None and prompts_file is not None:
+        raise BrushworkError("give either a prompt or --prompts FILE, not both")
+    prompts = _read_prompts(prompts_file) if prompts_file is not None else [
+        prompt if prompt is not None else stored.get("prompt", "")]
+    if precision not in PRECISIONS:
+        raise BrushworkError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    if batch_size <= 0:
+        raise BrushworkError(f"--batch-size must be positive, got {batch_size}")
+
+    def pick(value, key, default):
+        return value if value is not None else stored.get(key, default)
+
+    num_images = pick(num_images, "num_images", 1)
+    steps = pick(steps, "steps", 20)
+    guidance = pick(guidance, "cfg_scale", 5.0)
+    sampler = resolve_sampler(pick(sampler, "sampler", "dpm++"))
+    negative = pick(negative, "negative_prompt", "")
+    height, width = pick(height, "height", None), pick(width, "width", None)
+    seed = pick(seed, "seed", None)
+    seed = random.randrange(2**32) if seed is None else seed
+    if num_images <= 0:
+        raise BrushworkError(f"-n must be at least 1, got {num_images}")
+
+    _quiet_libraries()
+    dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
+    pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    console = Console(stderr=True)
+    if stored.get("model_hash") and stored["model_hash"] != pipe.model_hash:
+        console.print(f"Warning: {from_image} was made with model {stored.get('model', '?')} "
+                      f"(hash {stored['model_hash']}); this is {pipe.name} (hash {pipe.model_hash}), "
+                      "so the image will differ.")
+
+    jobs = [p for p in prompts for _ in range(num_images)]
+    paths = output_paths(output, len(jobs))
+    written: list[Path] = []
+    progress = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)
+    with progress, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = progress.add_task("generate", total=len(jobs) * steps)
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+
+            def advance(_pipe, _step, _timestep, _kwargs):
+                progress.advance(task, len(batch))
+
+            try:
+                result = pipe(batch, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                              seed=seed + start, height=height, width=width, sampler=sampler,
+                              callback_on_step_end=advance)
+            except GenerationCancelled:
+                break
+            for k, image in enumerate(result.images):
+                written.append(save_png(image, paths[start + k], result.parameters(k)))
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+        console.print(f"Warning: {message}")
+    for path in written:
+        typer.echo(str(path))
+
+
+def info(
+    image: Annotated[Path, typer.Argument(help="A PNG written by brushwork (or AUTOMATIC1111).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parsed parameters as JSON.")] = False,
+) -> None:
     """Print the generation parameters stored in a PNG."""
-    raise SystemExit("not built yet")
+    from brushwork.pnginfo import parse_parameters, read_parameters_text
+
+    text = read_parameters_text(image)
+    typer.echo(json.dumps(parse_parameters(text), indent=2, ensure_ascii=False) if as_json else text)

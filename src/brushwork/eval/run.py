@@ -1,0 +1,336 @@
+"""`brushwork eval` end to end: prompts and real images, generation, metrics, speed, sweeps, the report.
+
+Every model sees the same prompts and seeds: image j of prompt i is made with seed `seed + i*k + j`
+(k images per prompt), so figures and numbers compare model against model, setting against setting.
+"""
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import track
+
+from brushwork.data.captions import all_captions
+from brushwork.data.dataset import open_dataset
+from brushwork.data.shapes import TASKS
+from brushwork.errors import BrushworkError
+from brushwork.eval import metrics, report, speed
+from brushwork.eval.checker import check
+from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
+from brushwork.pipeline import BrushworkPipeline, resolve_sampler
+
+SWEEP_KEYS = {"steps": int, "guidance": float, "sampler": str}
+DATA_NAMES = ("shapes", "emoji")
+REAL_SEED_OFFSET = 1_000_003   # shapes real images come from a seed other than training's
+PRDC_K = 5
+GRID_PROMPTS = 24
+IMAGES_PER_CALL = 16
+console = Console(stderr=True)
+
+
+def _warn(notes: list[str], text: str) -> None:
+    notes.append(text)
+    console.print(f"[yellow]Warning:[/yellow] {text}", highlight=False)
+
+
+@dataclass
+class EvalConfig:
+    models: list[Path]
+    out: Path
+    data: str = "shapes"
+    n: int = 64                         # prompts per task (shapes) or prompts from the data set
+    per_prompt: int = 2                 # images per prompt (>= 2 for intra-prompt diversity)
+    steps: int = 20
+    guidance: float = 5.0
+    sampler: str | None = None
+    seed: int = 0
+    inception_weights: Path | None = None
+    clip: Path | None = None
+    sweeps: dict[str, list] = field(default_factory=dict)
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    speed_repeats: int = 3
+    device: str | None = None
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """"steps=4,8,20" -> ("steps", [4, 8, 20])."""
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or key not in SWEEP_KEYS or not values.strip():
+        raise BrushworkError(f"--sweep {text!r}: expected KEY=V1,V2,... with KEY one of {', '.join(SWEEP_KEYS)}, "
+                             "e.g. --sweep steps=4,8,20,50")
+    try:
+        parsed = [SWEEP_KEYS[key](v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise BrushworkError(f"--sweep {text!r}: values of {key} must be {SWEEP_KEYS[key].__name__}s") from None
+    return key, parsed
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
+    array = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def _check_data(data: str) -> None:
+    if data not in DATA_NAMES and not Path(data).expanduser().exists():
+        raise BrushworkError(f"unknown data set {data!r}: use shapes, emoji or a path to your own data folder")
+
+
+def _shapes_prompts(n: int, seed: int, notes: list[str]) -> tuple[list[str], list[str]]:
+    prompts, tasks = [], []
+    for task in TASKS:
+        captions = all_captions(task)
+        if n > len(captions):
+            _warn(notes, f"task {task} has only {len(captions)} prompts in the grammar; using all of them, not {n}")
+        chosen = random.Random(f"{seed}-{task}").sample(captions, min(n, len(captions)))
+        prompts += chosen
+        tasks += [task] * len(chosen)
+    return prompts, tasks
+
+
+def _real_images(data: str, count: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[str]]:
+    """`count` real images with their captions (shapes: fresh scenes; other data: a seeded sample of items)."""
+    if data == "shapes":
+        dataset = open_dataset("shapes", resolution, n=count, seed=seed + REAL_SEED_OFFSET)
+        indices = range(count)
+    else:
+        dataset = open_dataset(data, resolution)
+        indices = sorted(random.Random(seed).sample(range(len(dataset)), min(count, len(dataset))))
+    images, texts = [], []
+    for i in track(indices, description="loading real images"):
+        item = dataset[i]
+        images.append(_to_pil(item["pixel_values"]))
+        texts.append(item["text"])
+    return images, texts
+
+
+def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, sampler: str | None,
+                    seed: int, label: str) -> tuple[list[Image.Image], float]:
+    """per_prompt images of every prompt, prompt-major; image j of prompt i has seed seed + i*per_prompt + j.
+
+    Returns the images and the wall seconds per image.
+    """
+    prompts_per_call = max(1, IMAGES_PER_CALL // per_prompt)
+    images = []
+    start = time.perf_counter()
+    for first in track(range(0, len(prompts), prompts_per_call), description=label):
+        batch = prompts[first:first + prompts_per_call]
+        result = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=per_prompt,
+                      seed=seed + first * per_prompt, sampler=sampler)
+        images += result.images
+    return images, (time.perf_counter() - start) / len(images)
+
+
+@dataclass
+class Reference:
+    """What every model is measured against: prompts, their embeddings, real-image features, extractors."""
+    prompts: list[str]
+    tasks: list[str] | None
+    prompt_embeds: torch.Tensor
+    real_features: torch.Tensor
+    embedder: ClipEmbedder
+    extractor: ClipEmbedder | InceptionFeatures
+    per_prompt: int
+
+
+def _faithfulness(images: list[Image.Image], prompts: list[str], tasks: list[str]) -> tuple[dict, list[bool]]:
+    passed = [check(image, prompt).ok for image, prompt in track(list(zip(images, prompts)),
+                                                                  description="checking prompt faithfulness")]
+    result = {}
+    for task in list(dict.fromkeys(tasks)) + ["overall"]:
+        hits = [p for p, t in zip(passed, tasks) if task in ("overall", t)]
+        low, high = metrics.wilson_interval(sum(hits), len(hits))
+        result[task] = {"accuracy": sum(hits) / len(hits), "low": low, "high": high, "n": len(hits)}
+    return result, passed
+
+
+def quality_metrics(images: list[Image.Image], ref: Reference) -> tuple[dict, dict | None, list[bool] | None]:
+    """Realism, diversity, text agreement and (shapes) faithfulness of images made for ref.prompts."""
+    k = ref.per_prompt
+    fake_features = ref.extractor.image_embeds(images)
+    image_embeds = fake_features if ref.extractor is ref.embedder else ref.embedder.image_embeds(images)
+    targets = torch.arange(len(ref.prompts)).repeat_interleave(k)
+    values: dict = {"n_images": len(images), "n_real": len(ref.real_features)}
+    values["fid"] = metrics.fid(ref.real_features, fake_features)
+    values["kid_mean"], values["kid_std"] = metrics.kid(ref.real_features, fake_features)
+    values["clip_score"] = metrics.clip_score(image_embeds, ref.prompt_embeds[targets])
+    retrieval = metrics.retrieval_accuracy(image_embeds, ref.prompt_embeds, targets, ks=(1, 5))
+    values["retrieval_top1"], values["retrieval_top5"] = retrieval[1], retrieval[5]
+    if min(len(ref.real_features), len(fake_features)) > PRDC_K:
+        values.update(metrics.prdc(ref.real_features, fake_features, k=PRDC_K))
+    values["intra_prompt_diversity"] = (metrics.intra_prompt_diversity(fake_features.view(-1, k, fake_features.shape[1]))
+                                        if k >= 2 else None)
+    faithfulness, passed = None, None
+    if ref.tasks is not None:
+        faithfulness, passed = _faithfulness(images, [p for p in ref.prompts for _ in range(k)],
+                                             [t for t in ref.tasks for _ in range(k)])
+        values["faithfulness"] = faithfulness["overall"]
+    return values, faithfulness, passed
+
+
+def _sample_warnings(config: EvalConfig, n_images: int, n_real: int, dim: int, prompts: int) -> list[str]:
+    notes = []
+    if min(n_images, n_real) < 2 * dim:
+        need = 2 * dim if config.data != "shapes" else -(-2 * dim // (len(TASKS) * config.per_prompt))
+        what = "--n per task" if config.data == "shapes" else "images (raise --n or --per-prompt)"
+        notes.append(f"FID/KID from {n_images} generated and {n_real} real images with {dim}-d features are "
+                     f"unreliable (biased, singular covariance): use at least twice the feature dimension, "
+                     f"{2 * dim} images each ({what}: {need}).")
+    if min(n_images, n_real) <= PRDC_K:
+        notes.append(f"precision/recall/density/coverage need more than {PRDC_K} images per set; skipped.")
+    if config.per_prompt < 2:
+        notes.append("intra-prompt diversity needs --per-prompt of at least 2; skipped.")
+    if prompts <= 5:
+        notes.append(f"retrieval top-5 needs more than 5 prompts (have {prompts}); skipped.")
+    return notes
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names = []
+    for path in paths:
+        name = path.name or str(path)
+        names.append(name if name not in names else f"{name} ({len(names) + 1})")
+    return names
+
+
+def _grid(images: list[Image.Image], prompts: list[str], per_prompt: int, passed: list[bool] | None) -> Image.Image:
+    shown = np.unique(np.linspace(0, len(prompts) - 1, min(GRID_PROMPTS, len(prompts))).round().astype(int))
+    captions = []
+    for i in shown:
+        verdict = "" if passed is None else (" [pass]" if passed[i * per_prompt] else " [fail]")
+        captions.append(prompts[i] + verdict)
+    return report.make_grid([images[i * per_prompt] for i in shown], captions)
+
+
+def evaluate(config: EvalConfig) -> dict:
+    """Runs the whole evaluation and writes report.html, report.json, grids and plots into config.out."""
+    if not config.models:
+        raise BrushworkError("give at least one --model PATH")
+    for path in config.models:
+        if not Path(path).exists():
+            raise BrushworkError(f"model not found: {path}")
+    _check_data(config.data)
+    if config.n < 1 or config.per_prompt < 1:
+        raise BrushworkError(f"--n and --per-prompt must be at least 1 (got {config.n} and {config.per_prompt})")
+    # Settings are checked before any work, so a bad sweep value does not fail after an hour of sampling.
+    for steps in [config.steps] + config.sweeps.get("steps", []):
+        if steps < 1:
+            raise BrushworkError(f"steps must be at least 1, got {steps}")
+    for guidance in [config.guidance] + config.sweeps.get("guidance", []):
+        if guidance < 0:
+            raise BrushworkError(f"guidance must be at least 0, got {guidance}")
+    for sampler in [config.sampler] + config.sweeps.get("sampler", []):
+        resolve_sampler(sampler)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    clip_dir = Path(config.clip) if config.clip else Path(config.models[0]) / "clip"
+    if not clip_dir.is_dir():
+        raise BrushworkError(f"{config.models[0]} has no clip/ folder (the CLIP used for evaluation); pass --clip "
+                             "PATH to a transformers CLIPModel folder")
+    pipe = BrushworkPipeline.from_pretrained(config.models[0], device=config.device)
+    device = str(pipe.device)
+    embedder = ClipEmbedder(clip_dir, Path(config.models[0]) / "tokenizer", device=device,
+                            label="CLIP" if config.clip else "brushwork CLIP")
+    extractor = InceptionFeatures(config.inception_weights, device) if config.inception_weights else embedder
+
+    if config.data == "shapes":
+        prompts, tasks = _shapes_prompts(config.n, config.seed, notes)
+        real_images, _ = _real_images("shapes", len(prompts) * config.per_prompt, pipe.default_size, config.seed)
+    else:
+        tasks = None
+        real_images, texts = _real_images(config.data, config.n, pipe.default_size, config.seed)
+        prompts = list(dict.fromkeys(texts))
+    if len(prompts) < 2:
+        raise BrushworkError(f"data set {config.data!r} gives {len(prompts)} distinct caption(s); evaluation needs "
+                             "at least 2")
+    ref = Reference(prompts, tasks, embedder.text_embeds(prompts), extractor.image_embeds(real_images),
+                    embedder, extractor, config.per_prompt)
+    for note in _sample_warnings(config, len(prompts) * config.per_prompt, len(real_images), extractor.dim, len(prompts)):
+        _warn(notes, note)
+
+    names = _unique_names([Path(p) for p in config.models])
+    results, grids = [], []
+    for index, (path, name) in enumerate(zip(config.models, names)):
+        if index > 0:
+            pipe = BrushworkPipeline.from_pretrained(path, device=config.device)
+        if pipe.default_size != real_images[0].size[0]:
+            _warn(notes, f"{name} makes {pipe.default_size}px images, the real images are {real_images[0].size[0]}px: "
+                         f"both are resized by the stated convention before feature extraction.")
+        # One untimed call first, so one-time costs (kernel selection, allocations) stay out of seconds per image.
+        pipe(prompts[0], num_inference_steps=1, guidance_scale=config.guidance, seed=config.seed, sampler=config.sampler)
+        cache: dict[tuple, tuple[list[Image.Image], float]] = {}
+
+        def run_setting(steps: int, guidance: float, sampler: str | None) -> tuple[list[Image.Image], float]:
+            key = (steps, guidance, sampler)
+            if key not in cache:
+                label = f"{name}: steps={steps} guidance={guidance:g}" + (f" sampler={sampler}" if sampler else "")
+                cache[key] = generate_images(pipe, prompts, config.per_prompt, steps, guidance, sampler,
+                                             config.seed, label)
+            return cache[key]
+
+        images, seconds = run_setting(config.steps, config.guidance, config.sampler)
+        values, faithfulness, passed = quality_metrics(images, ref)
+        values["seconds_per_image"] = seconds
+        grid_path = f"grid_{index}.png"
+        _grid(images, prompts, config.per_prompt, passed).save(out / grid_path)
+        grids.append(grid_path)
+
+        speed_result = None
+        if config.batch_sizes:
+            speed_result = speed.measure_speed(
+                lambda b: pipe([prompts[0]] * b, num_inference_steps=config.steps, guidance_scale=config.guidance,
+                               seed=config.seed, sampler=config.sampler),
+                config.batch_sizes, config.speed_repeats, device, pipe.dtype, label=f"{name}: speed")
+
+        sweeps = {}
+        for key, sweep_values in config.sweeps.items():
+            points = []
+            for value in sweep_values:
+                setting = {"steps": config.steps, "guidance": config.guidance, "sampler": config.sampler, key: value}
+                sweep_images, sweep_seconds = run_setting(setting["steps"], setting["guidance"], setting["sampler"])
+                point_metrics, _, _ = (values, None, None) if sweep_images is images else quality_metrics(sweep_images, ref)
+                points.append({"value": value, "metrics": {**point_metrics, "seconds_per_image": sweep_seconds}})
+            sweeps[key] = points
+        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "metrics": values,
+                        "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps})
+        del pipe, cache
+
+    figures: dict = {"grids": grids}
+    if tasks is not None:
+        figures["faithfulness"] = "faithfulness.png"
+        report.faithfulness_chart({r["name"]: r["faithfulness"] for r in results}, out / figures["faithfulness"])
+    if config.sweeps:
+        figures["sweeps"] = {}
+        for key in config.sweeps:
+            figures["sweeps"][key] = f"sweep_{key}.png"
+            report.sweep_chart(key, {r["name"]: r["sweeps"][key] for r in results}, out / figures["sweeps"][key])
+
+    settings = asdict(config)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
+    settings["models"] = [str(p) for p in config.models]
+    settings["batch_sizes"] = list(config.batch_sizes)
+    settings["n_prompts"] = len(prompts)
+    settings["device"] = device
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "feature_extractor": extractor.name,
+        "feature_dim": extractor.dim,
+        "text_model": embedder.name,
+        "resize_convention": RESIZE_CONVENTION,
+        "prompts": prompts,
+        "seeds": f"image j of prompt i uses seed {config.seed} + i*{config.per_prompt} + j",
+        "warnings": notes,
+        "models": results,
+        "figures": figures,
+    }
+    report.write_report(result, out)
+    return result

@@ -1,0 +1,98 @@
+"""The FastAPI app of `brushwork serve`: routes, error shape, the web page, and the generation thread's life."""
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from brushwork import __version__
+from brushwork.pipeline import BrushworkPipeline
+from brushwork.serve import routes_a1111, routes_native, routes_openai, routes_ops
+from brushwork.serve.common import ApiError, ServeConfig, Service, require_api_key
+
+STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("brushwork.serve")
+
+
+def _error(request: Request, status: int, body: dict, kind: str | None, headers: dict | None = None) -> JSONResponse:
+    if kind is not None:
+        request.app.state.service.metrics.errors.labels(kind).inc()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field(location: tuple) -> str:
+    """`steps`, `size` or `body` from a pydantic error location like ("body", "steps")."""
+    parts = [str(part) for part in location[1:] if not isinstance(part, int)] if len(location) > 1 else []
+    return ".".join(parts) or "body"
+
+
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return _error(request, error.status, error.body(), error.kind, error.headers)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = []
+    for problem in error.errors():
+        field = _field(tuple(problem.get("loc", ())))
+        message = problem.get("msg", "invalid value").removeprefix("Value error, ")
+        if field == "body" and problem.get("type") in ("missing", "model_attributes_type", "dict_type"):
+            message = "the request body must be a JSON object"
+        elif problem.get("type") == "json_invalid":
+            field, message = "body", f"the request body is not valid JSON ({problem.get('ctx', {}).get('error', '')})"
+        problems.append({"param": field, "message": message})
+    first = problems[0] if problems else {"param": "body", "message": "invalid request"}
+    body = {"error": {"message": f"{first['param']}: {first['message']}", "type": "invalid_request_error",
+                      "param": first["param"], "code": "invalid_value", "details": problems}}
+    return _error(request, 422, body, "validation")
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404 else "http_error",
+                      "param": None, "code": None}}
+    return _error(request, error.status_code, body, None, getattr(error, "headers", None))
+
+
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    body = {"error": {"message": f"internal error: {type(error).__name__}", "type": "server_error", "param": None,
+                      "code": None}}
+    return _error(request, 500, body, "internal")
+
+
+def create_app(pipe: BrushworkPipeline, config: ServeConfig | None = None) -> FastAPI:
+    """The app for one loaded pipeline. The generation thread starts and stops with the app's lifespan."""
+    config = config or ServeConfig()
+    service = Service(pipe, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.scheduler.start()
+        yield
+        await asyncio.to_thread(service.scheduler.shutdown, config.shutdown_grace)
+
+    # The interactive docs pages load scripts from a CDN; the schema stays at /openapi.json.
+    app = FastAPI(title="brushwork", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    protected = [Depends(require_api_key)]
+    app.include_router(routes_ops.router)
+    app.include_router(routes_native.router, dependencies=protected)
+    app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_a1111.router, dependencies=protected)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

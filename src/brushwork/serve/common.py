@@ -1,0 +1,154 @@
+"""What every route uses: the server's settings and state, errors in one JSON shape, the API key check,
+the prompt blocklist, submitting a job and waiting for it."""
+
+import base64
+import binascii
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from brushwork.errors import BrushworkError
+from brushwork.pipeline import BrushworkPipeline, resolve_sampler
+from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, QueueFull, ShuttingDown
+from brushwork.serve.metrics import Metrics
+from brushwork.serve.schemas import MAX_SEED
+
+
+class Blocklist:
+    """Terms (one per line, `#` comments) that a prompt may not contain, matched as whole words after
+    Unicode normalisation and case folding."""
+
+    def __init__(self, terms: list[str], source: str = "blocklist"):
+        self.terms = [t for t in (self._normalise(t) for t in terms) if t]
+        self.source = source
+        self._patterns = [re.compile(rf"(?<!\w){re.escape(term)}(?!\w)") for term in self.terms]
+
+    @staticmethod
+    def _normalise(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Blocklist":
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise BrushworkError(f"blocklist file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise BrushworkError(f"blocklist {path} is not UTF-8 text") from None
+        blocklist = cls([line.strip() for line in lines if not line.strip().startswith("#")], source=str(path))
+        if not blocklist.terms:
+            raise BrushworkError(f"blocklist {path} holds no terms (one word or phrase per line)")
+        return blocklist
+
+    def match(self, prompt: str) -> str | None:
+        """The first blocked term the prompt contains, or None."""
+        text = self._normalise(prompt)
+        return next((term for term, pattern in zip(self.terms, self._patterns) if pattern.search(text)), None)
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    watermark: bool = True
+    blocklist: Blocklist | None = None
+    max_queue: int = 32  # jobs waiting; more get 429
+    max_batch: int = 8  # images per UNet batch
+    timeout: float = 300.0  # seconds from submission until a job fails
+    preview_every: int = 5  # steps between preview images; 0 for none
+    default_steps: int = 20
+    default_guidance: float = 5.0
+    shutdown_grace: float = 10.0  # seconds a running batch may take to finish at shutdown
+    keep_finished: int = 128  # finished jobs kept for GET /v1/jobs/{id}
+
+
+class ApiError(Exception):
+    """An HTTP error answered as {"error": {"message", "type", "param", "code"}} (OpenAI's shape)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 kind: str | None = "request", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+        self.kind = kind  # label of brushwork_errors in /metrics; None: already counted
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+
+class Service:
+    """One server's state: the pipeline, its settings, the scheduler and the metrics."""
+
+    def __init__(self, pipe: BrushworkPipeline, config: ServeConfig):
+        self.pipe = pipe
+        self.config = config
+        self.metrics = Metrics()
+        self.scheduler = JobScheduler(pipe, self.metrics, max_queue=config.max_queue, max_batch=config.max_batch,
+                                      timeout=config.timeout, preview_every=config.preview_every,
+                                      watermark=config.watermark, keep_finished=config.keep_finished)
+
+    def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+                    guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
+                    width: int | None = None, height: int | None = None) -> JobRequest:
+        """A complete job from checked request fields: defaults filled in, the prompt filtered."""
+        blocklist = self.config.blocklist
+        term = blocklist.match(prompt) if blocklist else None
+        if term is not None:
+            raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
+                                "allow", param="prompt", type="prompt_blocked", kind="blocked")
+        return JobRequest(
+            prompt=prompt, negative_prompt=negative_prompt,
+            steps=steps if steps is not None else self.config.default_steps,
+            guidance=guidance if guidance is not None else self.config.default_guidance,
+            seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
+            sampler=resolve_sampler(sampler),
+            width=width or self.pipe.default_size, height=height or self.pipe.default_size)
+
+    def submit(self, request: JobRequest, api: str) -> Job:
+        try:
+            return self.scheduler.submit(request, api)
+        except QueueFull as error:
+            raise ApiError(429, f"the queue is full ({self.config.max_queue} jobs waiting); retry in "
+                                f"{error.retry_after} s", type="rate_limit_error", kind="queue_full",
+                           headers={"Retry-After": str(error.retry_after)}) from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down", type="server_error", kind="shutting_down") from None
+
+    async def wait(self, job: Job, request: Request) -> None:
+        """Wait until the job finishes; a client that disconnects first cancels it."""
+        while job.state not in FINAL:
+            seen = job.version
+            if await request.is_disconnected():
+                self.scheduler.cancel(job, "the client disconnected")
+                return
+            await job.wait_change(seen, timeout=0.5)
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def require_api_key(request: Request) -> None:
+    """Checks `Authorization: Bearer KEY` (or HTTP Basic with the key as password, as AUTOMATIC1111 clients
+    send) when the server has a key."""
+    key = service(request).config.api_key
+    if key is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            value = ""
+    elif scheme.lower() != "bearer":
+        value = ""
+    if not secrets.compare_digest(value.strip().encode(), key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                       type="authentication_error", kind="auth", headers={"WWW-Authenticate": "Bearer"})
+
+
+def b64_png(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -1,0 +1,363 @@
+"""The job queue: a bounded FIFO, one worker thread that samples compatible jobs together in one pipeline
+call (one UNet batch), previews, cancellation, timeouts and a clean shutdown.
+
+Threads: the pipeline runs only in the worker thread; HTTP handlers run in the event loop. Job state
+changes under the scheduler's lock; event-loop code waits for changes with `await job.wait_change(...)`.
+"""
+
+import asyncio
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import PIL.Image
+import PIL.PngImagePlugin
+import torch
+
+from brushwork import pnginfo, watermark
+from brushwork.errors import BrushworkError
+from brushwork.pipeline import BrushworkPipeline, GenerationCancelled
+from brushwork.serve.metrics import Metrics
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+log = logging.getLogger("brushwork.serve")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"the queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    seed: int
+    n: int
+    sampler: str
+    width: int
+    height: int
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys share one UNet batch: a pipeline call takes one step count, sampler, size and
+        guidance scale, and a prompt, negative prompt and generator per image."""
+        return (self.steps, self.sampler, self.width, self.height, self.guidance)
+
+
+@dataclass(frozen=True)
+class JobImage:
+    png: bytes  # PNG with the A1111 `parameters` chunk (and the watermark unless turned off)
+    seed: int
+    parameters: str
+
+
+class Job:
+    def __init__(self, request: JobRequest, api: str, timeout: float):
+        self.id = secrets.token_hex(8)
+        self.request = request
+        self.api = api  # "native", "openai" or "a1111": which API submitted it
+        self.created = time.time()
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + timeout
+        self.state = QUEUED
+        self.step = 0
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error: str | None = None
+        self.error_status = 200  # the HTTP status a waiting client gets when the job did not succeed
+        self.images: list[JobImage] = []
+        self.preview: bytes | None = None
+        self.preview_step = 0
+        self.version = 0  # bumped on every change
+        self._listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._listeners_lock = threading.Lock()
+
+    def notify(self) -> None:
+        self.version += 1
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for loop, event in listeners:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that event loop has closed
+                pass
+
+    async def wait_change(self, seen_version: int, timeout: float) -> None:
+        """Return when the job changed after `seen_version`, or after `timeout` seconds."""
+        listener = (asyncio.get_running_loop(), asyncio.Event())
+        with self._listeners_lock:
+            self._listeners.add(listener)
+        try:
+            if self.version == seen_version:
+                await asyncio.wait_for(listener[1].wait(), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            pass
+        finally:
+            with self._listeners_lock:
+                self._listeners.discard(listener)
+
+
+def png_bytes(image: PIL.Image.Image, parameters: str) -> bytes:
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(pnginfo.CHUNK, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class JobScheduler:
+    def __init__(self, pipe: BrushworkPipeline, metrics: Metrics, max_queue: int = 32, max_batch: int = 8,
+                 timeout: float = 300.0, preview_every: int = 5, watermark: bool = True, keep_finished: int = 128):
+        self.pipe = pipe
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_batch = max_batch  # images per pipeline call; one larger job still runs, alone
+        self.timeout = timeout
+        self.preview_every = preview_every
+        self.watermark = watermark
+        self.keep_finished = keep_finished
+        self._cond = threading.Condition()
+        self._queue: list[Job] = []
+        self._running: list[Job] = []
+        self._jobs: dict[str, Job] = {}
+        self._finished: deque[Job] = deque()
+        self._stopping = False
+        self._stop_deadline = math.inf
+        self._batch_seconds = 1.0  # moving average, for Retry-After
+        self._thread: threading.Thread | None = None
+        metrics.queue_depth.set_function(lambda: len(self._queue))
+        metrics.running_jobs.set_function(lambda: len(self._running))
+
+    # ---- used by the HTTP handlers --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="brushwork-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: JobRequest, api: str) -> Job:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            job = Job(request, api, self.timeout)
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to run; None when it is not queued."""
+        with self._cond:
+            return self._queue.index(job) + 1 if job in self._queue else None
+
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    def running(self) -> list[Job]:
+        return list(self._running)
+
+    def retry_after(self) -> int:
+        batches_ahead = len(self._queue) / self.max_batch + 1
+        return max(1, math.ceil(self._batch_seconds * batches_ahead))
+
+    def cancel(self, job: Job, reason: str = "cancelled by the client") -> bool:
+        """Cancel a queued or running job; its place is free at once. False if it had already finished.
+        A running job's batch stops at the next step once every job in it is cancelled."""
+        with self._cond:
+            if job.state in FINAL:
+                return False
+            if job.state == QUEUED:
+                self._queue.remove(job)
+            self._finish(job, CANCELLED, reason, status=409)
+            return True
+
+    def interrupt(self, api: str) -> int:
+        """Cancel the running jobs submitted through `api` (AUTOMATIC1111's /interrupt); how many."""
+        jobs = [job for job in self.running() if job.api == api]
+        return sum(self.cancel(job, "interrupted") for job in jobs)
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Take no new jobs, cancel the queued ones, give the running batch `grace` seconds to finish."""
+        with self._cond:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._stop_deadline = time.monotonic() + grace
+            for job in list(self._queue):
+                self._queue.remove(job)
+                self._finish(job, CANCELLED, "the server is shutting down", status=503)
+            self._cond.notify_all()
+
+    def shutdown(self, grace: float) -> None:
+        self.begin_shutdown(grace)
+        if self._thread is not None:
+            self._thread.join(grace + 30)
+            if self._thread.is_alive():
+                log.warning("the generation thread did not stop within %.0f s", grace + 30)
+
+    # ---- worker thread ---------------------------------------------------------------------------
+
+    def _finish(self, job: Job, state: str, error: str | None = None, status: int = 200,
+                kind: str | None = None) -> None:
+        """Move a job to a final state. Call with the lock held."""
+        job.state, job.error, job.error_status, job.finished = state, error, status, time.time()
+        job.preview = None
+        self.metrics.jobs.labels(state).inc()
+        self.metrics.job_latency.labels(job.api, state).observe(time.monotonic() - job.submitted)
+        if kind:
+            self.metrics.errors.labels(kind).inc()
+        self._finished.append(job)
+        while len(self._finished) > self.keep_finished:
+            self._jobs.pop(self._finished.popleft().id, None)
+        job.notify()
+        self._cond.notify_all()
+
+    def _expire_queued(self) -> None:
+        now = time.monotonic()
+        for job in [job for job in self._queue if now > job.deadline]:
+            self._queue.remove(job)
+            self._finish(job, FAILED, f"timed out after {self.timeout:g} s waiting in the queue", status=504,
+                         kind="timeout")
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest job and the later ones that can share its UNet batch, up to max_batch images."""
+        key = self._queue[0].request.batch_key()
+        batch, images = [], 0
+        for job in self._queue:
+            if job.request.batch_key() == key and (not batch or images + job.request.n <= self.max_batch):
+                batch.append(job)
+                images += job.request.n
+        for job in batch:
+            self._queue.remove(job)
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    self._expire_queued()
+                    if self._queue:
+                        break
+                    if self._stopping:
+                        return
+                    self._cond.wait(timeout=0.5)
+                batch = self._take_batch()
+                now = time.time()
+                for job in batch:
+                    job.state, job.started = RUNNING, now
+                    self.metrics.queue_wait.observe(time.monotonic() - job.submitted)
+                    job.notify()
+                self._running = batch
+            started = time.monotonic()
+            try:
+                self._run(batch)
+            except GenerationCancelled:
+                self._fail_running(batch, CANCELLED, "the server shut down before the job finished", 503, None)
+            except BrushworkError as error:
+                self._fail_running(batch, FAILED, str(error), 400, "generation")
+            except Exception as error:  # keep serving; the job says what went wrong
+                log.exception("generation failed")
+                self._fail_running(batch, FAILED, f"internal error: {type(error).__name__}: {error}", 500,
+                                   "internal")
+            finally:
+                with self._cond:
+                    self._running = []
+                    self._batch_seconds = 0.7 * self._batch_seconds + 0.3 * (time.monotonic() - started)
+
+    def _fail_running(self, batch: list[Job], state: str, error: str, status: int, kind: str | None) -> None:
+        with self._cond:
+            for job in batch:
+                if job.state == RUNNING:
+                    self._finish(job, state, error, status, kind)
+
+    def _run(self, batch: list[Job]) -> None:
+        prompts, negatives, generators, seeds, owners = [], [], [], [], []
+        for job in batch:
+            for k in range(job.request.n):
+                prompts.append(job.request.prompt)
+                negatives.append(job.request.negative_prompt)
+                seeds.append(job.request.seed + k)
+                generators.append(torch.Generator("cpu").manual_seed(job.request.seed + k))
+                owners.append(job)
+        first = batch[0].request
+        self.metrics.batch_images.observe(len(prompts))
+        output = self.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
+                           guidance_scale=first.guidance, generator=generators, height=first.height,
+                           width=first.width, sampler=first.sampler,
+                           callback_on_step_end=self._step_callback(batch, owners, first.steps))
+        results: dict[str, list[JobImage]] = {job.id: [] for job in batch}
+        for i, (image, seed, job) in enumerate(zip(output.images, seeds, owners)):
+            if job.state != RUNNING:
+                continue
+            text = pnginfo.format_parameters(**{**output.parameters(i), "seed": seed})
+            results[job.id].append(JobImage(self._encode(image, text), seed, text))
+        with self._cond:
+            for job in batch:
+                if job.state == RUNNING:
+                    job.images = results[job.id]
+                    job.step = first.steps
+                    self.metrics.images.inc(len(job.images))
+                    self._finish(job, SUCCEEDED)
+
+    def _encode(self, image: PIL.Image.Image, parameters: str) -> bytes:
+        return png_bytes(watermark.embed(image) if self.watermark else image, parameters)
+
+    def _step_callback(self, batch: list[Job], owners: list[Job], steps: int) -> Callable:
+        first_image = {job.id: owners.index(job) for job in batch}
+
+        def on_step(pipe, index: int, timestep, tensors: dict) -> dict:
+            step = index + 1
+            with self._cond:
+                self._expire_queued()
+                now = time.monotonic()
+                for job in batch:
+                    if job.state == RUNNING and now > job.deadline:
+                        self._finish(job, FAILED, f"timed out after {self.timeout:g} s", status=504, kind="timeout")
+                live = [job for job in batch if job.state == RUNNING]
+                if not live or now > self._stop_deadline:
+                    return {"cancel": True}
+            previews: list[bytes | None] = [None] * len(live)
+            if self.preview_every and step % self.preview_every == 0 and step < steps:
+                previews = self._previews(tensors["latents"], [first_image[job.id] for job in live])
+            with self._cond:
+                for job, preview in zip(live, previews):
+                    if job.state != RUNNING:
+                        continue
+                    job.step = step
+                    if preview is not None:
+                        job.preview, job.preview_step = preview, step
+                    job.notify()
+            return {}
+
+        return on_step
+
+    def _previews(self, latents: torch.Tensor, indices: list[int]) -> list[bytes]:
+        """PNGs of the images the latents would decode to now (the first image of each job)."""
+        vae = self.pipe.model.vae
+        decoded = vae.decode(latents[indices].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        arrays = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        images = [PIL.Image.fromarray(array) for array in arrays]
+        return [self._encode(image, "preview") for image in images]

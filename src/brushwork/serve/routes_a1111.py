@@ -1,0 +1,104 @@
+"""AUTOMATIC1111-compatible API (/sdapi/v1): txt2img, progress, interrupt, and the model, sampler, option and
+script listings its clients read when they connect."""
+
+import json
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from brushwork import __version__
+from brushwork.pipeline import A1111_SAMPLER_NAMES, SAMPLERS
+from brushwork.serve.common import ApiError, Service, b64_png, service
+from brushwork.serve.jobs import CANCELLED, RUNNING, SUCCEEDED, Job
+from brushwork.serve.schemas import A1111Txt2ImgRequest
+
+router = APIRouter(prefix="/sdapi/v1")
+API = "a1111"
+
+
+def _model_title(svc: Service) -> str:
+    return f"{svc.pipe.name} [{svc.pipe.model_hash}]"
+
+
+def _timestamp(seconds: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(seconds))
+
+
+def _info(svc: Service, job: Job, body: A1111Txt2ImgRequest) -> dict:
+    r = job.request
+    seeds = [r.seed + k for k in range(r.n)]
+    return {
+        "prompt": r.prompt, "all_prompts": [r.prompt] * r.n,
+        "negative_prompt": r.negative_prompt, "all_negative_prompts": [r.negative_prompt] * r.n,
+        "seed": r.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * r.n, "subseed_strength": 0,
+        "width": r.width, "height": r.height, "sampler_name": A1111_SAMPLER_NAMES[r.sampler],
+        "cfg_scale": r.guidance, "steps": r.steps, "batch_size": body.batch_size, "n_iter": body.n_iter,
+        "restore_faces": False, "sd_model_name": svc.pipe.name, "sd_model_hash": svc.pipe.model_hash,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "extra_generation_params": {}, "index_of_first_image": 0,
+        "infotexts": [image.parameters for image in job.images], "styles": [],
+        "job_timestamp": _timestamp(job.created), "clip_skip": 1, "version": f"brushwork {__version__}",
+        "interrupted": job.state == CANCELLED,
+    }
+
+
+@router.post("/txt2img")
+async def txt2img(body: A1111Txt2ImgRequest, request: Request, svc: Service = Depends(service)) -> dict:
+    """Like AUTOMATIC1111, an interrupted job answers 200 with the images it finished (here: none)."""
+    job = svc.submit(svc.job_request(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
+        seed=None if body.seed == -1 else body.seed, n=body.batch_size * body.n_iter, sampler=body.sampler(),
+        width=body.width, height=body.height), api=API)
+    await svc.wait(job, request)
+    interrupted = job.state == CANCELLED and job.error_status == 409
+    if job.state != SUCCEEDED and not interrupted:
+        raise ApiError(job.error_status, f"txt2img {job.state}: {job.error}",
+                       type="server_error" if job.error_status >= 500 else "invalid_request_error", kind=None)
+    return {"images": [b64_png(image.png) for image in job.images], "parameters": body.model_dump(),
+            "info": json.dumps(_info(svc, job, body))}
+
+
+@router.get("/progress")
+async def progress(skip_current_image: bool = False, svc: Service = Depends(service)) -> dict:
+    """Progress of the running job (the first, when a batch holds several), as AUTOMATIC1111 reports it."""
+    running = [job for job in svc.scheduler.running() if job.state == RUNNING]
+    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + svc.scheduler.queued_count(),
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if not running:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    job = running[0]
+    fraction = job.step / job.request.steps
+    elapsed = time.time() - (job.started or time.time())
+    state.update(job=f"job {job.id}", job_timestamp=_timestamp(job.created), sampling_step=job.step,
+                 sampling_steps=job.request.steps)
+    current_image = b64_png(job.preview) if job.preview is not None and not skip_current_image else None
+    return {"progress": fraction, "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
+            "state": state, "current_image": current_image, "textinfo": None}
+
+
+@router.post("/interrupt")
+async def interrupt(svc: Service = Depends(service)) -> dict:
+    """Stops the running jobs that came through this API; native and OpenAI jobs are left alone."""
+    svc.scheduler.interrupt(API)
+    return {}
+
+
+@router.get("/sd-models")
+def sd_models(svc: Service = Depends(service)) -> list[dict]:
+    return [{"title": _model_title(svc), "model_name": svc.pipe.name, "hash": svc.pipe.model_hash, "sha256": None,
+             "filename": str(svc.pipe.path), "config": None}]
+
+
+@router.get("/samplers")
+async def samplers() -> list[dict]:
+    return [{"name": A1111_SAMPLER_NAMES[name], "aliases": [name], "options": {}} for name in SAMPLERS]
+
+
+@router.get("/options")
+def options(svc: Service = Depends(service)) -> dict:
+    return {"sd_model_checkpoint": _model_title(svc), "sd_checkpoint_hash": None}
+
+
+@router.get("/scripts")
+async def scripts() -> dict:
+    return {"txt2img": [], "img2img": []}

@@ -1,0 +1,341 @@
+"""Training the text-conditional GAN (brushwork.models.gan) with the shared loop.
+
+Each optimizer step is a D step, then a G step (the loop's optimizer order):
+- D: adversarial loss on real (matched) images, G's images and real images paired with another caption of
+  the batch (matching-aware, DF-GAN's weights 1, 1/2, 1/2; pairs whose captions are equal are left out),
+  plus the R1 penalty (gamma/2)·E‖∇ₓD(x, t)‖² on real matched pairs. R1 is lazy (StyleGAN2): it is
+  computed on a random 1 in `r1_every` D steps (drawn from the loop's generator, so resume repeats it) and
+  weighted by `r1_every`, which saves most of its double backward pass.
+- G: the generator side of the same adversarial loss ("hinge": -D(G(z, t), t); "nonsaturating":
+  softplus(-D(G(z, t), t))).
+
+Watched in the metrics (the loop prefixes them with d/ and g/): D's accuracy on real vs fake, mean logits,
+R1, and `diversity` = mean pairwise distance between G's images in the batch / the same for the real images.
+Training stops with a BrushworkError when diversity stays under `collapse_threshold` for
+`collapse_patience` consecutive intervals of log_every steps once `collapse_after` steps are done (G starts
+out nearly constant); the loop stops on NaN.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from brushwork.data.dataset import open_dataset
+from brushwork.errors import BrushworkError
+from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
+                                  gan_size, save_generator)
+from brushwork.models.sizes import count_parameters
+from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
+from brushwork.train.stages import image_grid
+
+LOSSES = ("hinge", "nonsaturating")
+NUM_SAMPLES = 8
+MAX_CACHED_CAPTIONS = 8192
+
+
+# ---- loss terms ---------------------------------------------------------------------------------
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor,
+                       mismatch_valid: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """D's adversarial loss from logits: real matched pairs count as real; G's images and real images with
+    a mismatched caption (where `mismatch_valid`) count as fake, each with weight 1/2."""
+    if kind == "hinge":
+        real_term, fake_term, mismatch_term = F.relu(1 - real), F.relu(1 + fake), F.relu(1 + mismatched)
+    else:
+        real_term, fake_term, mismatch_term = F.softplus(-real), F.softplus(fake), F.softplus(mismatched)
+    return real_term.mean() + 0.5 * (fake_term.mean() + _masked_mean(mismatch_term, mismatch_valid))
+
+
+def generator_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    return -fake.mean() if kind == "hinge" else F.softplus(-fake).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(gamma / 2) · mean over the batch of ‖∇ₓ D(x)‖²; real_images must require grad."""
+    (gradient,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    return gamma / 2 * gradient.float().pow(2).flatten(1).sum(dim=1).mean()
+
+
+def pairwise_distance(images: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of the RMS per-pixel difference between two images of the batch."""
+    flat = images.detach().float().flatten(1)
+    return torch.pdist(flat).mean() / flat.shape[1] ** 0.5
+
+
+def mismatched_order(texts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random cyclic shift of the batch (never the identity) and which shifted pairs really differ."""
+    n = len(texts)
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+    shift = int(torch.randint(1, n, (1,), generator=generator, device=generator.device))
+    order = torch.roll(torch.arange(n), shift)
+    valid = torch.tensor([texts[i] != texts[j] for i, j in enumerate(order.tolist())])
+    return order, valid
+
+
+# ---- stage --------------------------------------------------------------------------------------
+
+
+class GanStage(BaseStage):
+    """G and D on images in [-1, 1], conditioned on a frozen CLIP text encoder (features cached per caption)."""
+
+    name = "gan"
+
+    def __init__(self, data: Dataset, generator: Generator, discriminator: Discriminator,
+                 text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, loss: str = "hinge", r1_gamma: float = 1.0,
+                 r1_every: int = 4, collapse_threshold: float = 0.05, collapse_patience: int = 5,
+                 collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None):
+        if loss not in LOSSES:
+            raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
+        self.data = data
+        self.generator = generator
+        self.discriminator = discriminator
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.loss_kind = loss
+        self.r1_gamma = r1_gamma
+        self.r1_every = r1_every
+        self.collapse_threshold = collapse_threshold
+        self.collapse_patience = collapse_patience
+        self.interval_calls = log_every * grad_accum
+        self.collapse_after_calls = collapse_after * grad_accum
+        self._d_calls = 0
+        self.run_dir = run_dir
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._diversity: list[torch.Tensor] = []
+        self._low_intervals = 0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"d": self.discriminator, "g": self.generator}
+
+    def optimizers(self) -> dict[str, list[str]]:
+        return {"d": ["d"], "g": ["g"]}
+
+    def dataset(self) -> Dataset:
+        return self.data
+
+    def collate(self, items: list[dict]) -> dict:
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items]),
+                "text": [item["text"] for item in items]}
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str], device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sentence, words, word_mask) for `texts`; each caption is encoded once, in float32."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            if len(self._text_cache) + len(missing) > MAX_CACHED_CAPTIONS:
+                self._text_cache.clear()
+            self.text_encoder.to(device)
+            tokens = self.tokenizer(missing, padding="longest", truncation=True, return_tensors="pt")
+            with torch.autocast(device.type, enabled=False):
+                out = self.text_encoder(tokens.input_ids.to(device))
+            lengths = tokens.attention_mask.sum(dim=1).tolist()
+            for text, pooled, hidden, length in zip(missing, out.pooler_output, out.last_hidden_state, lengths):
+                self._text_cache[text] = (pooled.float(), hidden[:length].float())
+        sentence = torch.stack([self._text_cache[t][0] for t in texts])
+        words = nn.utils.rnn.pad_sequence([self._text_cache[t][1] for t in texts], batch_first=True)
+        lengths = torch.tensor([len(self._text_cache[t][1]) for t in texts], device=device)
+        mask = torch.arange(words.shape[1], device=device)[None, :] < lengths[:, None]
+        return sentence, words, mask
+
+    def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
+        images, texts = batch["pixel_values"], batch["text"]
+        device, n = images.device, len(texts)
+        sentence, words, mask = self.text_features(texts, device)
+        z = torch.randn(n, self.generator.config.z_dim, generator=generator, device=generator.device).to(device)
+        if optimizer == "g":
+            fake = modules["g"](z, sentence, words, mask)
+            fake_logits = modules["d"](fake, sentence).float()
+            return generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
+
+        with torch.no_grad():
+            fake = modules["g"](z, sentence, words, mask)
+        order, valid = mismatched_order(texts, generator)
+        lazy_r1 = float(torch.rand((), generator=generator, device=generator.device)) < 1 / self.r1_every
+        with_r1 = self.r1_gamma > 0 and lazy_r1
+        real = images.detach().requires_grad_(with_r1)
+        # One D call on [real | real with another caption | fake]: DDP expects one forward per backward.
+        logits = modules["d"](torch.cat([real, images, fake.to(images.dtype)]),
+                              torch.cat([sentence, sentence[order.to(device)], sentence])).float()
+        real_logits, mismatched_logits, fake_logits = logits.split(n)
+        loss = discriminator_loss(real_logits, fake_logits, mismatched_logits, valid.to(device), self.loss_kind)
+        metrics = {"accuracy": ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2,
+                   "mismatch_accuracy": _masked_mean((mismatched_logits < 0).float(), valid.to(device)),
+                   "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
+        if with_r1:
+            penalty = r1_penalty(real_logits, real, self.r1_gamma)
+            loss = loss + self.r1_every * penalty
+            metrics["r1"] = penalty.detach()
+        if n > 1:
+            diversity = pairwise_distance(fake) / pairwise_distance(images).clamp(min=1e-6)
+            metrics["diversity"] = diversity
+            self._watch_collapse(diversity)
+        return loss, metrics
+
+    def _watch_collapse(self, diversity: torch.Tensor) -> None:
+        """Counts D calls; at the end of each interval of log_every steps, compares the mean diversity
+        (averaged over processes, so every process takes the same decision) with the threshold."""
+        self._d_calls += 1
+        self._diversity.append(diversity)
+        if len(self._diversity) < self.interval_calls:
+            return
+        mean = torch.stack(self._diversity).mean()
+        self._diversity = []
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(mean)
+            mean = mean / dist.get_world_size()
+        value = mean.item()
+        low = value < self.collapse_threshold and self._d_calls > self.collapse_after_calls
+        self._low_intervals = self._low_intervals + 1 if low else 0
+        if self._low_intervals >= self.collapse_patience:
+            checkpoints = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+            where = (f"Last checkpoint: {checkpoints[-1]}; resume from it (--resume) with a lower lr or a larger "
+                     "--r1-gamma," if checkpoints else "Start again with a lower lr or a larger --r1-gamma,")
+            raise BrushworkError(
+                f"The GAN's generator collapsed: its samples' diversity stayed below {self.collapse_threshold} "
+                f"(now {value:.4f}; 1.0 = as varied as the real images) for {self._low_intervals} log intervals. "
+                f"{where} or lower --collapse-threshold if the data set itself is this uniform.")
+
+    def fingerprint(self) -> dict:
+        return {"stage": self.name, "g": asdict(self.generator.config), "d": asdict(self.discriminator.config),
+                "loss": self.loss_kind, "r1_gamma": self.r1_gamma, "r1_every": self.r1_every,
+                "data_size": len(self.data),
+                "text_encoder": self.text_encoder.config.to_diff_dict()}
+
+    @torch.no_grad()
+    def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
+        """The first captions of the data set, two fixed seeds each (row 1: seed 0, row 2: seed 1)."""
+        g = modules["g"]
+        device = next(g.parameters()).device
+        prompts = [self.data[i]["text"] for i in range(min(NUM_SAMPLES, len(self.data)))]
+        images = gan_generate(g, self.text_encoder, self.tokenizer, prompts * 2,
+                              [0] * len(prompts) + [1] * len(prompts), device)
+        return image_grid(images, len(prompts))
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+
+@dataclass
+class GanTrainConfig:
+    data: str                      # "shapes", "emoji" or a data set folder / .tar
+    text_model: Path               # a model folder with text_encoder/ and tokenizer/ (brushwork train clip)
+    out: Path                      # the GAN folder to write
+    size: str = "small"
+    steps: int | None = None       # None: the size's default
+    batch_size: int | None = None  # None: the size's default
+    n: int | None = None           # items of the data set (shapes: images to draw)
+    lr: float = 2e-4
+    loss: str = "hinge"
+    r1_gamma: float = 1.0
+    r1_every: int = 4
+    ema_decay: float | None = 0.999
+    collapse_threshold: float = 0.05
+    collapse_patience: int = 5
+    collapse_after: int = 500      # steps before the collapse watch starts
+    work: Path | None = None       # checkpoints, log.jsonl, samples/; None: OUT/runs/gan
+    resume: bool = False
+    seed: int = 0
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    num_workers: int = 0
+    command: str = ""              # for the model card
+
+
+def _check_folders(config: GanTrainConfig) -> None:
+    text_model, out = Path(config.text_model), Path(config.out)
+    missing = [part for part in ("text_encoder", "tokenizer") if not (text_model / part).is_dir()]
+    if missing:
+        raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
+                             "`brushwork train` or `brushwork train clip` as --model.")
+    if (out / "model_index.json").is_file():
+        raise BrushworkError(f"{out} holds a diffusion model; choose a new folder for the GAN with --out.")
+    if out.exists() and not out.is_dir():
+        raise BrushworkError(f"output {out} is a file, not a folder: choose a folder path for --out.")
+
+
+def _model_card(facts: dict) -> str:
+    return f"""# brushwork GAN ({facts['size']})
+
+A one-step text-to-image generator (a text-conditional GAN) trained with brushwork. `config.json` and
+`model.safetensors` hold the generator (EMA weights); `text_encoder/` and `tokenizer/` are the frozen CLIP
+text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
+
+- Command: `{facts['command']}`
+- Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
+- Text encoder from: `{facts['text_model']}`
+- Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']})
+- Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
+- Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
+"""
+
+
+def train_gan(config: GanTrainConfig) -> Path:
+    """Train G and D on `config.data`, conditioned on the text encoder of `config.text_model`; write the GAN
+    folder (config.json, model.safetensors, tokenizer/, text_encoder/, clip/ if present, README.md)."""
+    size = gan_size(config.size)
+    if config.loss not in LOSSES:
+        raise BrushworkError(f"unknown GAN loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
+    if config.r1_gamma < 0 or config.r1_every < 1 or config.collapse_patience < 1 or config.collapse_after < 0:
+        raise BrushworkError("--r1-gamma and --collapse-after must be >= 0, --r1-every and --collapse-patience >= 1.")
+    _check_folders(config)
+    text_model, out = Path(config.text_model), Path(config.out)
+    tokenizer = CLIPTokenizer.from_pretrained(text_model / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
+    text_dim = text_encoder.config.hidden_size
+    generator, discriminator = build_generator(config.size, text_dim), build_discriminator(config.size, text_dim)
+    data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
+    run_dir = Path(config.work) if config.work else out / "runs" / "gan"
+    steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
+    stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
+                     r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
+                     collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
+                     log_every=config.log_every, run_dir=run_dir)
+    started = time.time()
+    result = run(stage, TrainConfig(
+        out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
+        ema_decay=config.ema_decay, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
+        num_workers=config.num_workers))
+    if PartialState().is_main_process:
+        g = (result.ema or result.modules)["g"].to("cpu")
+        save_generator(g, out)
+        for part in ("tokenizer", "text_encoder", "clip"):
+            if (text_model / part).is_dir():
+                shutil.copytree(text_model / part, out / part, dirs_exist_ok=True)
+        lines = result.log_path.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+        facts = {"kind": "gan", "command": config.command, "data": config.data, "n": len(data),
+                 "resolution": generator.config.resolution, "text_model": str(text_model), "size": config.size,
+                 "steps": result.step, "batch_size": batch_size, "lr": config.lr, "loss": config.loss,
+                 "r1_gamma": config.r1_gamma, "ema_decay": config.ema_decay,
+                 "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
+                 "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
+                 "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+        (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
+        (out / "README.md").write_text(_model_card(facts))
+    PartialState().wait_for_everyone()
+    return out

@@ -1,0 +1,327 @@
+"""The whole training recipe: tokenizer → CLIP → VAE → UNet → one diffusers pipeline folder.
+
+MODEL/ (what `brushwork train` writes; loads with diffusers.StableDiffusionPipeline.from_pretrained):
+    model_index.json  unet/ (EMA weights)  vae/  text_encoder/  tokenizer/  scheduler/   diffusers-standard
+    clip/        the full CLIPModel (text + vision towers), with a CLIPProcessor config, for evaluation
+    README.md    model card; training.json holds the same facts as data
+    runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage (or under --work)
+
+Each stage writes its part of MODEL as soon as it ends, so `train clip`, `train vae` and `train unet` can
+run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MODEL.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+from accelerate import PartialState
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from brushwork.data.dataset import open_dataset
+from brushwork.errors import BrushworkError
+from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
+from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
+from brushwork.train.loop import TrainConfig, list_checkpoints, run
+from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
+                                    set_scaling_factor, text_encoder_from_clip)
+
+STAGES = ("clip", "vae", "unet")
+# Settings that change what a stage trains on or how: a resumed run must use the same ones.
+RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed"), "clip": ("vocab_size",),
+               "vae": ("kl_weight", "reconstruction"),
+               "unet": ("prediction_type", "beta_schedule", "snr_gamma", "caption_dropout")}
+
+
+@dataclass
+class RecipeConfig:
+    data: str
+    out: Path
+    size: str = "small"
+    steps: dict[str, int | None] = field(default_factory=lambda: {"clip": None, "vae": None, "unet": None})
+    batch_size: int | None = None           # None: the size's default
+    n: int | None = None                    # items of the data set to use (shapes: images to draw)
+    resolution: int | None = None           # None: the size's resolution
+    work: Path | None = None                # runs/<stage> go here; None: MODEL/runs
+    resume: bool = False
+    seed: int = 0
+    mixed_precision: str = "auto"
+    lr: dict[str, float] = field(default_factory=lambda: {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4})
+    weight_decay: dict[str, float] = field(default_factory=lambda: {"clip": 0.1, "vae": 0.0, "unet": 0.01})
+    ema_decay: float | None = 0.999         # UNet only
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    snr_gamma: float | None = 5.0
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-6
+    reconstruction: str = "l1"
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    num_workers: int = 0
+    command: str = ""                       # for the model card
+
+
+@dataclass
+class Plan:
+    """A checked RecipeConfig: everything a stage needs, resolved before any work starts."""
+
+    config: RecipeConfig
+    size: ModelSize
+    data: torch.utils.data.Dataset
+    steps: dict[str, int]
+    batch_size: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    def run_dir(self, stage: str) -> Path:
+        return (Path(self.config.work) if self.config.work else self.out / "runs") / stage
+
+
+def _check_writable(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BrushworkError(f"output {folder} is a file, not a folder: choose a folder path for --out.")
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise BrushworkError(f"cannot write to {folder}: {error.strerror or error}. Choose another folder or "
+                             "fix its permissions.") from None
+
+
+def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize, batch_size: int) -> dict:
+    keys = [key for group in ("common", *stages) for key in RESUME_KEYS[group]]
+    settings = {key: getattr(config, key) for key in keys}
+    settings.update(resolution=size.resolution, batch_size=batch_size)
+    return json.loads(json.dumps(settings, default=str))
+
+
+def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
+    """Check every input the user can get wrong, before any training starts; BrushworkError if one is off."""
+    size = get_size(config.size)
+    if config.resolution is not None:
+        size = dataclasses.replace(size, resolution=config.resolution)
+    vae_factor = 2 ** (len(size.vae["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(size.unet["block_out_channels"]) - 1)
+    if size.resolution % (vae_factor * unet_factor) or size.resolution % size.clip_vision["patch_size"]:
+        raise BrushworkError(f"resolution {size.resolution} does not fit model size {size.name!r}: it must be a "
+                             f"multiple of {vae_factor * unet_factor} (VAE and UNet downsampling) and of "
+                             f"{size.clip_vision['patch_size']} (CLIP patch size), e.g. 64.")
+    steps = {stage: config.steps.get(stage) or size.steps[stage] for stage in stages}
+    batch_size = config.batch_size or size.batch_size
+    if batch_size < 1 or min(steps.values()) < 1:
+        raise BrushworkError("--batch-size and the step counts must be at least 1.")
+    noise_schedule(config.beta_schedule, config.prediction_type)   # raises for unknown names
+    if not 0 <= config.caption_dropout < 1:
+        raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
+
+    out = Path(config.out)
+    _check_writable(out)
+    work = Path(config.work) if config.work else out / "runs"
+    _check_writable(work)
+    if not config.resume:
+        if stages == STAGES and any(p.name != "runs" for p in out.iterdir()):
+            raise BrushworkError(f"{out} is not empty: pass --resume to continue its training, or choose a new "
+                                 "folder for --out.")
+        for stage in stages:
+            if list_checkpoints(work / stage):
+                raise BrushworkError(f"{work / stage} already holds a {stage} run: pass --resume to continue it, "
+                                     "or choose a new folder.")
+    if "unet" in stages and "clip" not in stages:
+        needed = ("text_encoder", "tokenizer") + (() if "vae" in stages else ("vae",))
+        missing = [name for name in needed if not (out / name).is_dir()]
+        if missing:
+            raise BrushworkError(f"{out} has no {', '.join(missing)}/: train the clip and vae stages into it first "
+                                 "(brushwork train clip / train vae), or run the whole recipe.")
+
+    settings = _resume_settings(config, stages, size, batch_size)
+    recorded = work / "recipe.json"
+    previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
+    if config.resume:
+        changed = {k: (previous[k], v) for k, v in settings.items() if k in previous and previous[k] != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise BrushworkError(f"cannot resume {out}: it was trained with other settings ({detail}). Use the "
+                                 "original settings, or train into a new folder.")
+
+    data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
+    if len(data) == 0:
+        raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
+    if PartialState().is_main_process:
+        recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
+    return Plan(config, size, data, steps, batch_size)
+
+
+def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainConfig:
+    steps = p.steps[stage]
+    c = p.config
+    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size, lr=c.lr[stage],
+                       weight_decay=c.weight_decay[stage], warmup_steps=min(500, steps // 20),
+                       lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
+                       checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
+                       resume=c.resume, num_workers=c.num_workers)
+
+
+def _main_process() -> bool:
+    return PartialState().is_main_process
+
+
+def _barrier() -> None:
+    PartialState().wait_for_everyone()
+
+
+def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, int]) -> None:
+    """Add a stage's facts to MODEL/training.json and rewrite the model card from it."""
+    if not _main_process():
+        return
+    path = p.out / "training.json"
+    facts = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+    lines = result.log_path.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    facts.update(data=p.config.data, n=len(p.data), size=p.size.name, resolution=p.size.resolution,
+                 command=p.config.command or facts.get("command", ""), machine=_machine(),
+                 versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "transformers": transformers.__version__})
+    facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.config.lr[stage],
+                              "final_loss": last.get("loss"), "train_time_s": round(last.get("elapsed_s", 0.0), 1),
+                              "wall_time_s": round(time.time() - started, 1), "parameters": parameters,
+                              "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    if stage == "unet":
+        facts["schedule"] = noise_schedule(p.config.beta_schedule, p.config.prediction_type)
+        facts["ema_decay"] = p.config.ema_decay
+    path.write_text(json.dumps(facts, indent=2) + "\n")
+    (p.out / "README.md").write_text(model_card(facts))
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "platform": platform.platform()}
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
+def model_card(facts: dict) -> str:
+    machine = facts["machine"]
+    hardware = f"{machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads)"
+    if "gpu" in machine:
+        hardware += f", GPU {machine['gpu']}"
+    rows = "\n".join(
+        f"| {name} | {s['steps']} | {s['batch_size']} | {s['lr']} | {s['final_loss']:.4g} | "
+        f"{s['train_time_s'] / 60:.1f} min | {', '.join(f'{k} {v / 1e6:.2f}M' for k, v in s['parameters'].items())} "
+        f"| {s['finished']} |"
+        for name, s in facts["stages"].items() if s["final_loss"] is not None)
+    schedule = facts.get("schedule")
+    schedule_line = (f"- Noise schedule: {schedule['beta_schedule']}, {schedule['num_train_timesteps']} steps, "
+                     f"{schedule['prediction_type']} prediction; UNet weights are the EMA (decay "
+                     f"{facts.get('ema_decay')}).\n" if schedule else "")
+    return f"""# brushwork model ({facts['size']})
+
+A text-to-image model trained from scratch with brushwork, in diffusers' StableDiffusionPipeline layout.
+`clip/` holds the full CLIP model (text and vision towers) used for evaluation.
+
+- Command: `{facts['command']}`
+- Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
+- Machine: {hardware}, {machine['platform']}
+- Versions: {', '.join(f'{name} {version}' for name, version in facts['versions'].items())}
+{schedule_line}
+| stage | steps | batch | lr | final loss | train time | parameters | finished |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{rows}
+"""
+
+
+def _image_processor(size: ModelSize) -> CLIPImageProcessor:
+    # The vision tower was trained on pixels scaled to [-1, 1]: mean 0.5 and std 0.5 reproduce that.
+    return CLIPImageProcessor(size={"shortest_edge": size.resolution},
+                              crop_size={"height": size.resolution, "width": size.resolution},
+                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def train_clip(p: Plan) -> CLIPModel:
+    """Tokenizer (trained on the captions, or reused when resuming) and CLIP; writes tokenizer/, clip/, text_encoder/."""
+    started = time.time()
+    tokenizer_dir = p.out / "tokenizer"
+    if not (p.config.resume and (tokenizer_dir / "vocab.json").is_file()) and _main_process():
+        train_tokenizer(p.data.captions(), tokenizer_dir, vocab_size=p.config.vocab_size)
+    _barrier()
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    clip = build_clip(p.size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    result = run(ClipStage(p.data, tokenizer, clip), _train_config(p, "clip"))
+    clip = result.modules["clip"]
+    if _main_process():
+        clip.save_pretrained(p.out / "clip")
+        tokenizer.save_pretrained(p.out / "clip")
+        _image_processor(p.size).save_pretrained(p.out / "clip")
+        text_encoder_from_clip(clip).save_pretrained(p.out / "text_encoder")
+    _record(p, "clip", started, result, {"text": count_parameters(clip.text_model),
+                                         "vision": count_parameters(clip.vision_model)})
+    _barrier()
+    return clip
+
+
+def train_vae(p: Plan) -> AutoencoderKL:
+    """VAE, then its latent scaling factor measured on the data; writes vae/."""
+    started = time.time()
+    stage = VaeStage(p.data, build_vae(p.size), reconstruction=p.config.reconstruction, kl_weight=p.config.kl_weight)
+    result = run(stage, _train_config(p, "vae"))
+    vae = result.modules["vae"].vae.eval()
+    set_scaling_factor(vae, p.data)
+    if _main_process():
+        vae.save_pretrained(p.out / "vae")
+    _record(p, "vae", started, result, {"vae": count_parameters(vae)})
+    _barrier()
+    return vae
+
+
+def train_unet(p: Plan) -> StableDiffusionPipeline:
+    """UNet on the frozen text encoder and VAE in MODEL; writes the pipeline: unet/ (EMA weights), scheduler/,
+    model_index.json."""
+    started = time.time()
+    tokenizer = CLIPTokenizer.from_pretrained(p.out / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(p.out / "text_encoder")
+    vae = AutoencoderKL.from_pretrained(p.out / "vae")
+    c = p.config
+    steps = p.steps["unet"]
+    # Caching every latent up front pays off when training sees each item at least once.
+    stage = UnetStage(p.data, build_unet(p.size), text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
+                      prediction_type=c.prediction_type, snr_gamma=c.snr_gamma, caption_dropout=c.caption_dropout,
+                      cache_latents=steps * p.batch_size >= len(p.data))
+    result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay))
+    unet = (result.ema or result.modules)["unet"]
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to("cpu"),
+                                       scheduler=inference_scheduler(stage.schedule), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    if _main_process():
+        pipeline.save_pretrained(p.out)
+    _record(p, "unet", started, result, {"unet": count_parameters(unet)})
+    _barrier()
+    return pipeline
+
+
+def train(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Path:
+    """Run `stages` of the recipe in order (all by default) into config.out; returns the model folder."""
+    p = plan(config, stages)
+    for stage in stages:
+        {"clip": train_clip, "vae": train_vae, "unet": train_unet}[stage](p)
+    return p.out

@@ -1,0 +1,392 @@
+"""The three training stages of the recipe, as Stages for brushwork.train.loop.
+
+- ClipStage: a CLIPModel trained contrastively on the data set's image–caption pairs. Its text tower
+  becomes the generator's text encoder; its vision tower serves evaluation.
+- VaeStage: an AutoencoderKL trained on reconstruction with a small KL term; afterwards
+  `set_scaling_factor` measures the latent scale the UNet will use.
+- UnetStage: a UNet2DConditionModel trained to denoise latents, conditioned on the frozen text encoder,
+  with caption dropout for classifier-free guidance and min-SNR loss weighting.
+
+Images are tensors in [-1, 1] (the data contract); CLIP's vision tower reads them as they are.
+"""
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from accelerate import PartialState
+from PIL import Image
+from rich.progress import Progress
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from brushwork.errors import BrushworkError
+from brushwork.train.loop import BaseStage
+
+NUM_VALIDATION = 8
+BETA_RANGES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (0.0001, 0.02)}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    # DDP and torch.compile wrap the model; attributes and extra methods live on the inner one.
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def _validation_items(data: Dataset) -> list[dict]:
+    return [data[i] for i in range(min(NUM_VALIDATION, len(data)))]
+
+
+def noise_schedule(beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon",
+                   num_train_timesteps: int = 1000) -> dict:
+    """Scheduler kwargs shared by training (DDPMScheduler) and the saved pipeline (DPMSolverMultistepScheduler)."""
+    if beta_schedule not in BETA_RANGES:
+        raise BrushworkError(f"unknown noise schedule {beta_schedule!r}: choose one of {', '.join(BETA_RANGES)}.")
+    if prediction_type not in PREDICTION_TYPES:
+        raise BrushworkError(f"unknown prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}.")
+    beta_start, beta_end = BETA_RANGES[beta_schedule]
+    return dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                beta_schedule=beta_schedule, prediction_type=prediction_type)
+
+
+def inference_scheduler(schedule: dict) -> DPMSolverMultistepScheduler:
+    # steps_offset=1 is what StableDiffusionPipeline expects (it rewrites and warns otherwise).
+    return DPMSolverMultistepScheduler(**schedule, steps_offset=1)
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """CLIP's text tower as a standalone CLIPTextModel (a copy), as diffusers' pipelines load it."""
+    if isinstance(clip.text_model, CLIPTextModel):   # transformers >= 5
+        return copy.deepcopy(clip.text_model)
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.text_model.load_state_dict(clip.text_model.state_dict())
+    return text_encoder
+
+
+class ClipStage(BaseStage):
+    """Symmetric InfoNCE on (image, caption) pairs with CLIP's learned temperature, clamped at 100.
+
+    Captions repeat in captioned data sets (every red circle is "a red circle"), so pairs in a batch
+    that share a caption are all positives: the target spreads evenly over them instead of treating
+    identical captions as negatives.
+    """
+
+    name = "clip"
+
+    def __init__(self, data: Dataset, tokenizer: CLIPTokenizer, clip: CLIPModel, max_logit_scale: float = 100.0):
+        self.data = data
+        self.tokenizer = tokenizer
+        self.clip = clip
+        self.max_logit_scale = max_logit_scale
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"clip": self.clip}
+
+    def dataset(self) -> Dataset:
+        return self.data
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [item["text"] for item in items]
+        # Pad to the longest caption: under CLIP's causal mask the pooled (end-token) feature ignores padding.
+        tokens = self.tokenizer(texts, padding="longest", truncation=True, return_tensors="pt")
+        first_index = {}
+        caption_group = torch.tensor([first_index.setdefault(t, i) for i, t in enumerate(texts)])
+        return {"input_ids": tokens.input_ids, "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+                "caption_group": caption_group}
+
+    def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
+        clip = modules["clip"]
+        with torch.no_grad():
+            _unwrap(clip).logit_scale.clamp_(0, math.log(self.max_logit_scale))
+        logits = clip(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits_per_text.float()
+        group = batch["caption_group"]
+        targets = (group[:, None] == group[None, :]).float()
+        targets = targets / targets.sum(dim=1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        accuracy = targets.gather(1, logits.argmax(dim=1, keepdim=True)).gt(0).float().mean()
+        return loss, {"accuracy": accuracy, "logit_scale": _unwrap(clip).logit_scale.detach().exp()}
+
+    def fingerprint(self) -> dict:
+        return {"stage": self.name, "clip": self.clip.config.to_diff_dict(), "max_logit_scale": self.max_logit_scale,
+                "vocab_size": len(self.tokenizer), "data_size": len(self.data)}
+
+    @torch.no_grad()
+    def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
+        """Validation images on top, under them the caption-to-image probability matrix (rows: captions)."""
+        clip = _unwrap(modules["clip"])
+        items = _validation_items(self.data)
+        batch = self.collate(items)
+        device = next(clip.parameters()).device
+        was_training = clip.training
+        clip.eval()
+        logits = clip(input_ids=batch["input_ids"].to(device),
+                      pixel_values=batch["pixel_values"].to(device)).logits_per_text
+        clip.train(was_training)
+        images = _to_pil(batch["pixel_values"])
+        cell = images[0].width
+        probabilities = logits.float().softmax(dim=1).cpu().numpy()
+        heatmap = Image.fromarray((probabilities * 255).round().astype("uint8")).convert("RGB")
+        heatmap = heatmap.resize((cell * len(items), cell * len(items)), Image.NEAREST)
+        grid = Image.new("RGB", (heatmap.width, cell + heatmap.height), "white")
+        grid.paste(image_grid(images, len(images)), (0, 0))
+        grid.paste(heatmap, (0, cell))
+        return grid
+
+
+class _VaeWithKL(nn.Module):
+    """An AutoencoderKL whose forward returns the reconstruction and the KL term: under DDP, gradients are
+    synchronised only for work done through forward, so encode + sample + decode must happen in one."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, images.device)
+        return self.vae.decode(latents).sample, posterior.kl()
+
+
+class VaeStage(BaseStage):
+    """Reconstruction (L1 or MSE, per pixel) plus `kl_weight` × KL per pixel. `self.vae` is trained in place."""
+
+    name = "vae"
+
+    def __init__(self, data: Dataset, vae: AutoencoderKL, reconstruction: str = "l1", kl_weight: float = 1e-6):
+        if reconstruction not in ("l1", "mse"):
+            raise BrushworkError(f"unknown VAE reconstruction loss {reconstruction!r}: choose l1 or mse.")
+        self.data = data
+        self.vae = vae
+        self.trainable = _VaeWithKL(vae)
+        self.reconstruction = reconstruction
+        self.kl_weight = kl_weight
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.trainable}
+
+    def dataset(self) -> Dataset:
+        return self.data
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+
+    def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
+        images = batch["pixel_values"]
+        reconstruction, kl = modules["vae"](images, generator)
+        if self.reconstruction == "l1":
+            reconstruction_loss = F.l1_loss(reconstruction.float(), images.float())
+        else:
+            reconstruction_loss = F.mse_loss(reconstruction.float(), images.float())
+        kl = kl.float().mean() / images[0].numel()
+        loss = reconstruction_loss + self.kl_weight * kl
+        return loss, {"reconstruction": reconstruction_loss.detach(), "kl": kl.detach()}
+
+    def fingerprint(self) -> dict:
+        return {"stage": self.name, "vae": dict(self.vae.config), "reconstruction": self.reconstruction,
+                "kl_weight": self.kl_weight, "data_size": len(self.data)}
+
+    @torch.no_grad()
+    def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
+        """Validation images on top, their reconstructions (posterior mean) under them."""
+        vae = _unwrap(modules["vae"]).vae
+        images = torch.stack([item["pixel_values"] for item in _validation_items(self.data)])
+        images = images.to(next(vae.parameters()).device)
+        reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        return image_grid(_to_pil(images) + _to_pil(reconstructions), len(images))
+
+
+@torch.no_grad()
+def set_scaling_factor(vae: AutoencoderKL, data: Dataset, num_samples: int = 512, batch_size: int = 64) -> float:
+    """Measure 1 / std of the latents over the first `num_samples` items and store it in the VAE config,
+    so that scaled latents have unit variance (what SD's 0.18215 does for its VAE). Measured on the
+    posterior means, which is what UnetStage trains on."""
+    device = next(vae.parameters()).device
+    indices = range(min(num_samples, len(data)))
+    loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch_size,
+                        collate_fn=lambda items: torch.stack([item["pixel_values"] for item in items]))
+    latents = torch.cat([vae.encode(images.to(device)).latent_dist.mode() for images in loader])
+    scaling_factor = 1.0 / latents.float().std().item()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return scaling_factor
+
+
+def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class _LatentDataset(Dataset):
+    def __init__(self, latents: torch.Tensor, texts: list[str]):
+        self.latents = latents
+        self.texts = texts
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latents": self.latents[i], "text": self.texts[i]}
+
+
+class UnetStage(BaseStage):
+    """Denoising on VAE latents, conditioned on the frozen text encoder's hidden states.
+
+    The text encoder and VAE are frozen, so their outputs are cached: latents for the whole data set once
+    up front (when `cache_latents` and the set has at most `max_cached_latents` items; each item is
+    then rendered and encoded once instead of once per epoch), and text embeddings per unique caption as
+    they are first seen (captions repeat). A fraction `caption_dropout` of captions is replaced by the
+    empty caption, which teaches the unconditional prediction that classifier-free guidance needs.
+    """
+
+    name = "unet"
+
+    def __init__(self, data: Dataset, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
+                 prediction_type: str = "epsilon", snr_gamma: float | None = 5.0, caption_dropout: float = 0.1,
+                 cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
+                 sample_steps: int = 20):
+        self.data = data
+        self.unet = unet
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.vae = vae.requires_grad_(False).eval()
+        self.schedule = noise_schedule(beta_schedule, prediction_type)
+        self.noise_scheduler = DDPMScheduler(**self.schedule)
+        self.snr_gamma = snr_gamma
+        self.caption_dropout = caption_dropout
+        self.cache_latents = cache_latents and len(data) <= max_cached_latents
+        self.guidance_scale = guidance_scale
+        self.sample_steps = sample_steps
+        self._latent_data: Dataset | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def dataset(self) -> Dataset:
+        if not self.cache_latents:
+            return self.data
+        if self._latent_data is None:
+            self._latent_data = self._encode_all()
+        return self._latent_data
+
+    @torch.no_grad()
+    def _encode_all(self, batch_size: int = 64) -> Dataset:
+        loader = DataLoader(self.data, batch_size=batch_size, collate_fn=lambda items: items)
+        self.vae.to(PartialState().device)
+        latents, texts = [], []
+        with Progress(transient=True) as progress:
+            task = progress.add_task("encoding latents", total=len(self.data))
+            for items in loader:
+                images = torch.stack([item["pixel_values"] for item in items])
+                # fp16 halves the memory of the cache; latents are unit scale, well inside its range.
+                latents.append(self._encode_images(images).half().cpu())
+                texts += [item["text"] for item in items]
+                progress.advance(task, len(items))
+        return _LatentDataset(torch.cat(latents), texts)
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            latents = self.vae.encode(images.to(device)).latent_dist.mode()
+        return latents * self.vae.config.scaling_factor
+
+    def collate(self, items: list[dict]) -> dict:
+        key = "latents" if "latents" in items[0] else "pixel_values"
+        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items]}
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """Hidden states of the text encoder for each caption, as the pipeline computes them (padded to 77
+        tokens, no attention mask), cached per caption."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            self.text_encoder.to(device)
+            tokens = self.tokenizer(missing, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt")
+            # Full precision whatever the loop's autocast: the cache outlives the step that filled it.
+            with torch.autocast(device.type, enabled=False):
+                hidden = self.text_encoder(tokens.input_ids.to(device))[0]
+            self._text_cache.update(zip(missing, hidden))
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
+        unet = modules["unet"]
+        if "latents" in batch:
+            latents = batch["latents"].float()
+        else:
+            with torch.no_grad():
+                self.vae.to(batch["pixel_values"].device)
+                latents = self._encode_images(batch["pixel_values"]).float()
+        device, batch_size = latents.device, latents.shape[0]
+        noise = _randn(latents.shape, generator, device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator, device=generator.device).to(device)
+        dropped = (torch.rand(batch_size, generator=generator, device=generator.device) < self.caption_dropout).tolist()
+        texts = ["" if drop else text for text, drop in zip(batch["text"], dropped)]
+        hidden = self.text_embeddings(texts, device)
+
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.schedule["prediction_type"] == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, hidden).sample.float()
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * self.loss_weights(timesteps)).mean()
+        return loss, {"mse": per_sample.detach().mean()}
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
+        if self.snr_gamma is None:
+            return torch.ones(len(timesteps), device=timesteps.device)
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.snr_gamma)
+        if self.schedule["prediction_type"] == "epsilon":
+            return clipped / snr
+        return clipped / (snr + 1)
+
+    def fingerprint(self) -> dict:
+        return {"stage": self.name, "unet": dict(self.unet.config), "schedule": self.schedule,
+                "snr_gamma": self.snr_gamma, "caption_dropout": self.caption_dropout,
+                "scaling_factor": self.vae.config.scaling_factor, "data_size": len(self.data)}
+
+    def pipeline(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=inference_scheduler(self.schedule), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    @torch.no_grad()
+    def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
+        """The first captions of the data set, one fixed seed each."""
+        unet = _unwrap(modules["unet"])
+        device = next(unet.parameters()).device
+        pipe = self.pipeline(unet).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        prompts = [item["text"] for item in _validation_items(self.data)]
+        generators = [torch.Generator(device).manual_seed(seed) for seed in range(len(prompts))]
+        was_training = unet.training
+        unet.eval()
+        images = pipe(prompts, num_inference_steps=self.sample_steps, guidance_scale=self.guidance_scale,
+                      generator=generators).images
+        unet.train(was_training)
+        return image_grid(images, len(images))

@@ -1,0 +1,135 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from brushwork.cli import app
+from brushwork.models.sizes import build_clip, get_size
+from sd_tiny import build_tiny_sd
+from transformers import CLIPTokenizer
+
+runner = CliRunner()
+FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random tiny SD folder (32 px) with a random tiny brushwork CLIP beside it, as `brushwork train` writes."""
+    path = build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny")
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    torch.manual_seed(0)
+    build_clip(get_size("tiny"), len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(
+        path / "clip")
+    return path
+
+
+def _run(*args: str):
+    return runner.invoke(app, ["eval", *args])
+
+
+def test_eval_two_models_shapes_report(tiny_model, tmp_path):
+    out = tmp_path / "report"
+    # The same model under two names: same prompts and seeds must give the same numbers.
+    result = _run("--model", str(tiny_model), "--model", str(tiny_model), "--data", "shapes", "--n", "2",
+                  "--out", str(out), "--sweep", "steps=1,2", *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+
+    assert "CLIP" in report["feature_extractor"] and "bicubic" in report["resize_convention"]
+    assert len(report["prompts"]) == 8                                   # 2 per task, 4 tasks
+    assert any("FID" in w and "64" in w for w in report["warnings"])     # 16 images < 2 x 32-d features
+    first, second = report["models"]
+    assert second["name"] == "tiny (2)"
+    values = first["metrics"]
+    for key in ("fid", "kid_mean", "kid_std", "clip_score", "retrieval_top1", "precision", "recall", "density",
+                "coverage", "intra_prompt_diversity", "seconds_per_image"):
+        assert isinstance(values[key], float), key
+    assert values["n_images"] == 16 and values["fid"] >= 0 and 0 <= values["clip_score"] <= 100
+    assert values["retrieval_top5"] is not None                          # 8 prompts > 5
+    assert set(first["faithfulness"]) == {"single", "two_objects", "counting", "position", "overall"}
+    overall = first["faithfulness"]["overall"]
+    assert overall["n"] == 16 and overall["low"] <= overall["accuracy"] <= overall["high"]
+    for key in ("fid", "clip_score", "precision", "intra_prompt_diversity"):
+        assert second["metrics"][key] == pytest.approx(values[key])
+
+    speed = first["speed"]
+    assert set(speed["throughput"]) == {"1", "2"}
+    assert speed["latency_seconds_per_image"] > 0 and speed["flops_per_image"] > 0
+    assert speed["peak_rss_bytes"] > 0 and 0 < speed["fraction_of_peak"]
+    assert [p["value"] for p in first["sweeps"]["steps"]] == [1, 2]
+    assert first["sweeps"]["steps"][1]["metrics"]["fid"] == pytest.approx(values["fid"])   # steps=2 is the base
+
+    for name in ("grid_0.png", "grid_1.png", "faithfulness.png", "sweep_steps.png"):
+        assert (out / name).stat().st_size > 0, name
+    page = (out / "report.html").read_text()
+    assert "tiny (2)" in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_eval_folder_data(tiny_model, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    from PIL import Image
+
+    lines = []
+    for i, color in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "black"]):
+        Image.new("RGB", (48, 40), color).save(folder / f"{i}.png")     # not square, not 32 px
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a {color} square"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    result = _run("--model", str(tiny_model), "--data", str(folder), "--n", "7", "--out", str(out),
+                  "--steps", "1", "--per-prompt", "1", "--batch-sizes", "")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    model = report["models"][0]
+    assert model["faithfulness"] is None and model["speed"] is None
+    assert model["metrics"]["intra_prompt_diversity"] is None
+    assert any("--per-prompt" in w for w in report["warnings"])
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model not found"),
+    (["--data", "nosuchdata"], "unknown data set"),
+    (["--sweep", "temperature=1,2"], "--sweep"),
+    (["--sweep", "steps=a,b"], "must be int"),
+    (["--batch-sizes", "0,4"], "between 1 and 64"),
+    (["--sweep", "steps=0,4"], "at least 1"),
+    (["--sweep", "sampler=nosuch"], "unknown sampler"),
+    (["--inception-weights", "/nonexistent/inception.pth"], "no such file"),
+])
+def test_eval_bad_input_is_a_clean_error(tiny_model, tmp_path, args, message):
+    model = [] if "--model" in args else ["--model", str(tiny_model)]
+    result = _run(*model, "--out", str(tmp_path / "out"), *FAST, *args)   # later options win
+    assert result.exit_code == 1
+    assert "Error" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_model_without_clip(tiny_model, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("clip"))
+    result = _run("--model", str(bare), "--out", str(tmp_path / "out"), *FAST)
+    assert result.exit_code == 1 and "--clip" in result.output
+
+
+def test_real_images_scored_against_themselves(tiny_model):
+    """The metric plumbing end to end without a generator: rendered shapes judged as if generated."""
+    from brushwork.data.shapes import ShapesDataset
+    from brushwork.eval.features import ClipEmbedder
+    from brushwork.eval.run import Reference, quality_metrics
+
+    items = [ShapesDataset(n=24, seed=5)[i] for i in range(24)]
+    items = list({item["text"]: item for item in items}.values())        # one image per distinct prompt
+    images, prompts = [item["image"] for item in items], [item["text"] for item in items]
+    tasks = [item["scene"].task for item in items]
+    embedder = ClipEmbedder(tiny_model / "clip", tiny_model / "tokenizer")
+    ref = Reference(prompts, tasks, embedder.text_embeds(prompts), embedder.image_embeds(images), embedder, embedder, 1)
+    values, faithfulness, passed = quality_metrics(images, ref)
+    assert values["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert values["precision"] == values["recall"] == values["coverage"] == 1.0
+    assert all(passed) and faithfulness["overall"]["accuracy"] == 1.0    # the checker accepts true renders
+    assert faithfulness["overall"]["n"] == len(images) and set(faithfulness) == set(tasks) | {"overall"}

@@ -1,0 +1,210 @@
+"""The text-conditional GAN: loss terms by hand, generation, the saved folder, training through the loop."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brushwork.data.captions import all_captions
+from brushwork.data.dataset import open_dataset
+from brushwork.errors import BrushworkError
+from brushwork.models.gan import (GanModel, build_discriminator, build_generator, gan_generate, is_gan_folder,
+                                  load_generator, save_generator)
+from brushwork.models.sizes import SIZES, build_clip
+from brushwork.tokenizer import train_tokenizer
+from brushwork.train.gan import (GanStage, GanTrainConfig, discriminator_loss, generator_loss, mismatched_order,
+                                 pairwise_distance, r1_penalty, train_gan)
+from brushwork.train.loop import TrainConfig, run
+from brushwork.train.stages import text_encoder_from_clip
+
+PROMPTS = ["a red circle", "a blue square", "two green triangles"]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A folder with a tokenizer trained on the shapes captions and a tiny random CLIP text tower."""
+    folder = tmp_path_factory.mktemp("text_model")
+    tokenizer = train_tokenizer(all_captions(), folder / "tokenizer")
+    torch.manual_seed(0)
+    clip = build_clip(SIZES["tiny"], len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    text_encoder = text_encoder_from_clip(clip).eval()
+    text_encoder.save_pretrained(folder / "text_encoder")
+    return folder, tokenizer, text_encoder
+
+
+@pytest.fixture(scope="module")
+def data():
+    return open_dataset("shapes", n=16, resolution=32)
+
+
+def tiny_g(text_encoder, seed=0):
+    torch.manual_seed(seed)
+    g = build_generator("tiny", text_encoder.config.hidden_size)
+    with torch.no_grad():  # the zero-initialised modulations and attention outputs would hide the text
+        for p in g.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return g
+
+
+def make_stage(text_model, data, **kwargs):
+    _, tokenizer, text_encoder = text_model
+    torch.manual_seed(0)
+    g = build_generator("tiny", text_encoder.config.hidden_size)
+    d = build_discriminator("tiny", text_encoder.config.hidden_size)
+    return GanStage(data, g, d, text_encoder, tokenizer, **kwargs)
+
+
+# ---- loss terms by hand -------------------------------------------------------------------------
+
+
+def test_hinge_losses_vanish_when_d_is_confident_and_count_margins():
+    ones, valid = torch.ones(4), torch.ones(4, dtype=torch.bool)
+    assert discriminator_loss(1.5 * ones, -2 * ones, -1 * ones, valid, "hinge") == 0
+    # real at 0 costs 1; fake at 0 costs 1 with weight 1/2; mismatched at 1 costs 2 with weight 1/2.
+    loss = discriminator_loss(0 * ones, 0 * ones, 1 * ones, valid, "hinge")
+    assert loss.item() == pytest.approx(1 + 0.5 * 1 + 0.5 * 2)
+    assert generator_loss(torch.tensor([2.0, -1.0]), "hinge").item() == pytest.approx(-0.5)
+
+
+def test_nonsaturating_losses_at_logit_zero_are_log_two():
+    zeros, valid = torch.zeros(3), torch.ones(3, dtype=torch.bool)
+    assert generator_loss(zeros, "nonsaturating").item() == pytest.approx(math.log(2))
+    assert discriminator_loss(zeros, zeros, zeros, valid, "nonsaturating").item() == pytest.approx(2 * math.log(2))
+    # G gains by raising D's logit on its images; D by raising real and lowering fake logits.
+    assert generator_loss(torch.full((3,), 3.0), "nonsaturating") < math.log(2)
+    assert discriminator_loss(zeros + 3, zeros - 3, zeros - 3, valid, "nonsaturating") < 0.1
+
+
+def test_matching_aware_term_counts_mismatched_pairs_as_fake():
+    real, fake = torch.full((4,), 2.0), torch.full((4,), -2.0)
+    mismatched = torch.tensor([1.0, 1.0, -3.0, 5.0])  # D thinks pairs 0, 1 (and the invalid 3) are real
+    valid = torch.tensor([True, True, True, False])   # pair 3 has the same caption: not a mismatch
+    # Hinge on mismatched: relu(1 + m) = 2, 2, 0 over the valid pairs -> mean 4/3, weight 1/2.
+    assert discriminator_loss(real, fake, mismatched, valid, "hinge").item() == pytest.approx(0.5 * 4 / 3)
+    assert discriminator_loss(real, fake, torch.full((4,), -1.0), valid, "hinge").item() == 0
+
+
+def test_mismatched_order_never_pairs_a_caption_with_itself():
+    texts = ["a red circle", "a red circle", "a blue square", "a green triangle"]
+    for seed in range(10):
+        order, valid = mismatched_order(texts, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == [0, 1, 2, 3] and (order != torch.arange(4)).all()
+        assert valid.tolist() == [texts[i] != texts[j] for i, j in enumerate(order.tolist())]
+    assert not mismatched_order(["a red circle"], torch.Generator()).__getitem__(1).any()
+
+
+def test_r1_penalty_by_hand():
+    x = torch.randn(3, 2, 2, requires_grad=True)
+    w = torch.arange(4.0).view(2, 2)                        # D(x) = <w, x> + 1: gradient w, |w|² = 14
+    logits = (x * w).sum(dim=(1, 2)) + 1
+    assert r1_penalty(logits, x, gamma=2.0).item() == pytest.approx(14.0)
+    constant = (x * 0).sum(dim=(1, 2)) + 5                  # D ignores the image: no penalty
+    assert r1_penalty(constant, x, gamma=2.0).item() == 0
+
+
+def test_pairwise_distance():
+    images = torch.zeros(3, 1, 2, 2)
+    assert pairwise_distance(images).item() == 0
+    images[0] += 1  # pairs (0,1), (0,2) differ by 1 on every pixel, (1,2) not at all
+    assert pairwise_distance(images).item() == pytest.approx(2 / 3)
+
+
+# ---- generation and the folder ------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_per_seed_and_independent_of_the_batch(text_model):
+    _, tokenizer, text_encoder = text_model
+    g = tiny_g(text_encoder)
+    first = gan_generate(g, text_encoder, tokenizer, PROMPTS, [0, 1, 2])
+    again = gan_generate(g, text_encoder, tokenizer, PROMPTS, [0, 1, 2])
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(first, again))
+    assert first[0].size == (32, 32) and first[0].mode == "RGB"
+    alone = gan_generate(g, text_encoder, tokenizer, PROMPTS[2:], [2])[0]
+    diff = torch.tensor(list(alone.tobytes()), dtype=torch.int) - torch.tensor(list(first[2].tobytes()), dtype=torch.int)
+    assert diff.abs().max() <= 1  # the same image whatever else is in the batch (up to float rounding)
+    other_seed = gan_generate(g, text_encoder, tokenizer, PROMPTS[:1], [7])[0]
+    other_prompt = gan_generate(g, text_encoder, tokenizer, PROMPTS[1:2], [0])[0]
+    assert other_seed.tobytes() != first[0].tobytes()
+    assert other_prompt.tobytes() != first[0].tobytes()
+
+
+def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
+    folder, tokenizer, text_encoder = text_model
+    g = tiny_g(text_encoder)
+    out = tmp_path / "gan"
+    save_generator(g, out)
+    assert is_gan_folder(out) and not is_gan_folder(folder)
+    loaded = load_generator(out)
+    assert loaded.config == g.config
+    before = gan_generate(g, text_encoder, tokenizer, PROMPTS, [3, 4, 5])
+    after = gan_generate(loaded, text_encoder, tokenizer, PROMPTS, [3, 4, 5])
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(before, after))
+
+    with pytest.raises(BrushworkError, match="tokenizer"):
+        GanModel.from_pretrained(out)
+    for part in ("tokenizer", "text_encoder"):
+        (out / part).symlink_to(folder / part)
+    model = GanModel.from_pretrained(out).to(torch.device("cpu"), torch.float32)
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
+    images = model.generate(None, PROMPTS, [""] * 3, generators, 20, 5.0, "dpm++", 32, 32)
+    expected = torch.stack([torch.tensor(list(im.tobytes())).view(32, 32, 3).permute(2, 0, 1) for im in before])
+    assert images.shape == (3, 3, 32, 32) and ((images * 255).round() - expected).abs().max() <= 1
+    with pytest.raises(BrushworkError, match="32×32"):
+        model.generate(None, PROMPTS[:1], [""], generators[:1], 20, 5.0, "dpm++", 64, 64)
+
+    (out / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(BrushworkError, match="model.safetensors"):
+        load_generator(out)
+
+
+# ---- training through the loop ------------------------------------------------------------------
+
+
+def _config(out, steps, **overrides):
+    settings = dict(out_dir=out, max_steps=steps, batch_size=4, lr=1e-3, mixed_precision="no", ema_decay=0.9,
+                    checkpoint_every=1, log_every=1)
+    return TrainConfig(**(settings | overrides))
+
+
+def test_resume_is_exact(text_model, data, tmp_path):
+    # r1_every=1: the double backward pass of R1 is in every step of both runs.
+    reference = run(make_stage(text_model, data, r1_every=1), _config(tmp_path / "reference", 3))
+    run(make_stage(text_model, data, r1_every=1), _config(tmp_path / "resumed", 1))
+    resumed = run(make_stage(text_model, data, r1_every=1), _config(tmp_path / "resumed", 3, resume=True))
+    assert resumed.step == 3
+    for name in ("g", "d", "ema-g"):
+        expected = load_file(reference.checkpoint / f"{name}.safetensors")
+        actual = load_file(resumed.checkpoint / f"{name}.safetensors")
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+    record = json.loads(reference.log_path.read_text().splitlines()[-1])
+    for key in ("loss/d", "loss/g", "d/accuracy", "d/diversity", "d/r1", "d/real_logit", "g/fake_logit"):
+        assert math.isfinite(record[key]), key
+
+
+def test_collapse_stops_training_with_a_clear_error(text_model, data, tmp_path):
+    stage = make_stage(text_model, data, collapse_threshold=10.0, collapse_patience=2, collapse_after=0,
+                       log_every=1, run_dir=tmp_path / "run")
+    with pytest.raises(BrushworkError, match="collapsed.*2 log intervals"):
+        run(stage, _config(tmp_path / "run", 3, checkpoint_every=0))
+
+
+def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
+    folder, tokenizer, text_encoder = text_model
+    out = tmp_path / "gan"
+    config = GanTrainConfig(data="shapes", text_model=folder, out=out, size="tiny", steps=3, n=16, batch_size=4,
+                            mixed_precision="bf16", log_every=1, sample_every=3, collapse_after=0,
+                            collapse_threshold=0.0)
+    assert train_gan(config) == out
+    for part in ("config.json", "model.safetensors", "tokenizer", "text_encoder", "README.md", "training.json"):
+        assert (out / part).exists(), part
+    assert (out / "runs" / "gan" / "samples" / "step-00000003.png").is_file()
+    model = GanModel.from_pretrained(out)
+    images = model.generate(None, PROMPTS, [""] * 3, [torch.Generator().manual_seed(0)] * 3, 1, 0.0, "ddim", 32, 32)
+    assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+
+    with pytest.raises(BrushworkError, match="text_encoder"):
+        train_gan(GanTrainConfig(data="shapes", text_model=tmp_path, out=tmp_path / "other", size="tiny"))
+    with pytest.raises(BrushworkError, match="unknown GAN size"):
+        train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "other", size="huge"))

@@ -1,0 +1,92 @@
+import numpy as np
+import PIL.Image
+import pytest
+from sd_tiny import build_tiny_sd
+from typer.testing import CliRunner
+
+from brushwork.cli import app
+from brushwork.pnginfo import read_parameters
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "shapes-tiny", "v1", seed=1)
+
+
+def run(*args: str, model=None):
+    extra = ["--model", str(model), "--steps", "3", "--height", "32", "--width", "32"] if model else []
+    return runner.invoke(app, [*args, *extra])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path), dtype=np.int16)
+
+
+def test_generate_numbered_files_and_info(model_dir, tmp_path):
+    out = tmp_path / "out.png"
+    result = run("generate", "a red circle", "-n", "2", "--seed", "7", "--negative", "blue",
+                 "--sampler", "euler", "-o", str(out), model=model_dir)
+    assert result.exit_code == 0, result.output
+    first, second = tmp_path / "out-0.png", tmp_path / "out-1.png"
+    assert result.stdout.split() == [str(first), str(second)]
+    params = read_parameters(second)
+    assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blue"
+    assert params["seed"] == 8 and params["steps"] == 3 and params["sampler"] == "Euler"
+    assert (params["width"], params["height"]) == (32, 32) and params["model"] == "shapes-tiny"
+
+    info = run("info", str(second))
+    assert info.exit_code == 0
+    assert info.stdout.startswith("a red circle\nNegative prompt: blue\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 8")
+    as_json = run("info", str(second), "--json")
+    assert '"seed": 8' in as_json.stdout
+
+    # --from regenerates the same image; existing names are never overwritten
+    again = run("generate", "--from", str(second), "--model", str(model_dir), "-o", str(first))
+    assert again.exit_code == 0, again.output
+    assert again.stdout.split() == [str(tmp_path / "out-0-1.png")]
+    assert np.abs(pixels(second) - pixels(tmp_path / "out-0-1.png")).max() <= 2
+
+
+def test_folder_output_prompts_file_and_random_seed(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na green triangle\n")
+    folder = tmp_path / "images"
+    result = run("generate", "--prompts", str(prompts), "--batch-size", "2", "-o", f"{folder}/", model=model_dir)
+    assert result.exit_code == 0, result.output
+    paths = [folder / f"{i:05d}.png" for i in range(3)]
+    assert result.stdout.split() == [str(p) for p in paths]
+    seeds = [read_parameters(p)["seed"] for p in paths]
+    assert seeds[1] == seeds[0] + 1 and seeds[2] == seeds[0] + 2
+    assert read_parameters(paths[2])["prompt"] == "a green triangle"
+    more = run("generate", "one more", "-o", str(folder), model=model_dir)
+    assert more.stdout.split() == [str(folder / "00003.png")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--steps", "0"], "steps must be"),
+    (["generate", "x", "--guidance", "nan"], "guidance"),
+    (["generate", "x", "-n", "0"], "-n must be"),
+    (["generate", "x", "--height", "30"], "multiple of 4"),
+    (["generate", "x", "--sampler", "plms"], "unknown sampler"),
+    (["generate", "x", "--precision", "fp8"], "unknown precision"),
+    (["generate", "x", "-o", "out.jpg"], "PNG"),
+    (["generate"], "give a prompt"),
+    (["generate", "x", "--prompts", "missing.txt"], "both"),
+    (["generate", "--prompts", "missing.txt"], "prompts file not found"),
+    (["generate", "--from", "missing.png"], "image not found"),
+    (["info", "missing.png"], "image not found"),
+])
+def test_bad_input_is_a_clean_error(model_dir, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    extra = ["--model", str(model_dir)] if args[0] == "generate" else []
+    result = runner.invoke(app, args + extra)
+    assert result.exit_code == 1
+    assert "Error" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_model_is_a_clean_error(tmp_path):
+    result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 1 and "model not found" in result.output

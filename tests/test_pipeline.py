@@ -1,0 +1,158 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from sd_tiny import build_tiny_sd
+
+from brushwork import pipeline as pipeline_module
+from brushwork.errors import BrushworkError
+from brushwork.pipeline import SAMPLERS, BrushworkPipeline, GenerationCancelled, resolve_sampler
+
+SMALL = dict(num_inference_steps=4, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "model", "v1")
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return BrushworkPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "euler_a", "ddim"])
+def test_same_images_as_diffusers(model_dir, pipe, sampler):
+    reference = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    reference.scheduler = SAMPLERS[sampler].from_config(pipe.model.scheduler_config)
+    reference.set_progress_bar_config(disable=True)
+    ours = pipe("a red circle", negative_prompt="blue", sampler=sampler, seed=11, guidance_scale=5.0,
+                **SMALL).images[0]
+    theirs = reference("a red circle", negative_prompt="blue", guidance_scale=5.0, output_type="pil",
+                       generator=torch.Generator().manual_seed(11), **SMALL).images[0]
+    assert pixels(ours).std() > 5  # a real image, not a flat one
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
+
+
+def test_seeds_reproduce_and_batch_matches_singles(pipe):
+    batch = pipe("a red circle", num_images_per_prompt=3, seed=5, sampler="euler_a", **SMALL)
+    assert batch.seeds == [5, 6, 7]
+    assert len(batch.images) == 3 and batch.images[0].size == (32, 32)
+    for k in range(3):
+        single = pipe("a red circle", seed=5 + k, sampler="euler_a", **SMALL).images[0]
+        assert np.abs(pixels(single) - pixels(batch.images[k])).max() <= 2
+    again = pipe("a red circle", seed=5, sampler="euler_a", **SMALL).images[0]
+    assert np.array_equal(pixels(again), pixels(pipe("a red circle", seed=5, sampler="euler_a", **SMALL).images[0]))
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).max() > 10
+
+
+def test_prompts_and_negative_prompts_matter(pipe):
+    out = pipe(["a red circle", "a blue square"], seed=1, **SMALL)
+    assert out.prompts == ["a red circle", "a blue square"] and out.negative_prompts == ["", ""]
+    first = pipe("a red circle", seed=1, **SMALL).images[0]
+    other_prompt = pipe("a blue square", seed=1, **SMALL).images[0]
+    with_negative = pipe("a red circle", negative_prompt="green", seed=1, **SMALL).images[0]
+    assert np.abs(pixels(first) - pixels(out.images[0])).max() <= 2
+    assert np.abs(pixels(first) - pixels(other_prompt)).max() > 2
+    assert np.abs(pixels(first) - pixels(with_negative)).max() > 2
+    unconditional = pipe("", seed=1, **SMALL)
+    assert unconditional.images[0].size == (32, 32)
+
+
+def test_random_seed_is_recorded_and_parameters(pipe):
+    out = pipe("a red circle", guidance_scale=3, sampler="Euler a", **SMALL)
+    seed = out.seeds[0]
+    assert isinstance(seed, int)
+    again = pipe("a red circle", guidance_scale=3, sampler="euler_a", seed=seed, **SMALL)
+    assert np.array_equal(pixels(out.images[0]), pixels(again.images[0]))
+    params = out.parameters(0)
+    assert params["sampler"] == "Euler a" and params["seed"] == seed and params["cfg_scale"] == 3
+    assert params["width"] == 32 and len(params["model_hash"]) == 10 and params["model"] == "model"
+
+
+def test_output_types(pipe):
+    assert pipe("x", seed=0, output_type="pt", **SMALL).images[0].shape == (3, 32, 32)
+    array = pipe("x", seed=0, output_type="np", **SMALL).images[0]
+    assert array.shape == (32, 32, 3) and 0 <= array.min() and array.max() <= 1
+
+
+def test_callback_sees_every_step_and_can_cancel(pipe):
+    steps = []
+
+    def record(_pipe, step, timestep, kwargs):
+        steps.append(step)
+        assert kwargs["latents"].shape == (1, 4, 8, 8)
+        return {}
+
+    pipe("x", seed=0, callback_on_step_end=record, **SMALL)
+    assert steps == [0, 1, 2, 3]
+    with pytest.raises(GenerationCancelled):
+        pipe("x", seed=0, callback_on_step_end=lambda *a: {"cancel": True}, **SMALL)
+
+
+def test_sampler_names():
+    assert resolve_sampler(None) == "dpm++"
+    assert resolve_sampler("DPM++ 2M") == "dpm++"
+    assert resolve_sampler("Euler a") == "euler_a"
+    assert resolve_sampler("Heun") == "heun"
+    with pytest.raises(BrushworkError, match="known samplers: dpm\\+\\+"):
+        resolve_sampler("plms")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_inference_steps=0), "steps"),
+    (dict(guidance_scale=float("nan")), "guidance"),
+    (dict(guidance_scale=float("inf")), "guidance"),
+    (dict(guidance_scale=-1), "guidance"),
+    (dict(num_images_per_prompt=0), "number of images"),
+    (dict(num_images_per_prompt=65), "number of images"),
+    (dict(height=30), "height must be a positive multiple of 4"),
+    (dict(width=4096), "width must be at most"),
+    (dict(sampler="nope"), "unknown sampler"),
+])
+def test_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(BrushworkError, match=message):
+        pipe("x", **{**SMALL, **kwargs})
+
+
+def test_long_prompt_warns(pipe):
+    with pytest.warns(UserWarning, match="tokens long"):
+        pipe("red circle " * 40, seed=0, **SMALL)
+
+
+def test_missing_default_model(monkeypatch, tmp_path):
+    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    with pytest.raises(BrushworkError, match="no default model is installed"):
+        BrushworkPipeline.from_pretrained()
+
+
+def test_bad_model_folders(tmp_path, model_dir):
+    with pytest.raises(BrushworkError, match="model not found"):
+        BrushworkPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(BrushworkError, match="not a model folder"):
+        BrushworkPipeline.from_pretrained(tmp_path)
+
+    import shutil
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_dir, corrupt)
+    (corrupt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BrushworkError, match="unet"):
+        BrushworkPipeline.from_pretrained(corrupt)
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(model_dir, wrong)
+    config = (wrong / "unet" / "config.json").read_text().replace('"cross_attention_dim": 64',
+                                                                   '"cross_attention_dim": 48')
+    (wrong / "unet" / "config.json").write_text(config)
+    with pytest.raises(BrushworkError, match="unet"):
+        BrushworkPipeline.from_pretrained(wrong)
+
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(model_dir, no_vae)
+    shutil.rmtree(no_vae / "vae")
+    with pytest.raises(BrushworkError, match="missing its vae"):
+        BrushworkPipeline.from_pretrained(no_vae)

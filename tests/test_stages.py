@@ -1,0 +1,160 @@
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from brushwork.data.captions import all_captions
+from brushwork.data.dataset import open_dataset
+from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
+from brushwork.tokenizer import train_tokenizer
+from brushwork.train.loop import TrainConfig, run
+from brushwork.train.stages import ClipStage, UnetStage, VaeStage, set_scaling_factor, text_encoder_from_clip
+
+SIZE = get_size("tiny")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a shared 2-vCPU machine OpenMP barriers
+    # between two threads stall whenever another process holds a core (steps 10-50x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return open_dataset("shapes", n=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(all_captions(), tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture()
+def unet_stage(data, tokenizer):
+    torch.manual_seed(0)
+    clip = build_clip(SIZE, len(tokenizer))
+    vae = build_vae(SIZE)
+    return UnetStage(data, build_unet(SIZE), text_encoder_from_clip(clip), tokenizer, vae)
+
+
+def _losses(log_path):
+    return [json.loads(line)["loss"] for line in log_path.read_text().splitlines()]
+
+
+def test_clip_treats_repeated_captions_as_positives(tokenizer, data):
+    stage = ClipStage(data, tokenizer, build_clip(SIZE, len(tokenizer)))
+    batch = stage.collate([data[0], data[1], dict(data[2], text=data[0]["text"])])
+    assert batch["caption_group"].tolist() == [0, 1, 0]
+
+    class Oracle(torch.nn.Module):   # scores exactly the pairs that share a caption high
+        logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, input_ids, pixel_values):
+            same = batch["caption_group"][:, None] == batch["caption_group"][None, :]
+            return SimpleNamespace(logits_per_text=same.float() * 30.0)
+
+    loss, metrics = stage.loss("main", {"clip": Oracle()}, batch, torch.Generator())
+    # Rows 0 and 2 spread their target over two equal captions: the minimum is the targets' entropy.
+    assert loss.item() == pytest.approx(2 / 3 * math.log(2), abs=1e-4)
+    assert metrics["accuracy"].item() == 1.0
+
+
+def test_clip_learns_and_clamps_temperature(tokenizer, data, tmp_path):
+    clip = build_clip(SIZE, len(tokenizer))
+    with torch.no_grad():
+        clip.logit_scale.fill_(10.0)   # exp(10) > 100: the first loss call clamps it
+    stage = ClipStage(data, tokenizer, clip)
+    result = run(stage, TrainConfig(tmp_path, max_steps=20, batch_size=16, lr=3e-3, log_every=10,
+                                    mixed_precision="no"))
+    losses = _losses(result.log_path)
+    assert losses[-1] < losses[0]
+    assert clip.logit_scale.exp().item() <= 100.0 + 1e-3
+    image = stage.sample(stage.modules(), 20)
+    assert image.size == (8 * 64, 64 + 8 * 64)
+
+
+def test_vae_trains_and_scaling_factor_normalises_latents(data, tmp_path):
+    stage = VaeStage(data, build_vae(SIZE))
+    result = run(stage, TrainConfig(tmp_path, max_steps=12, batch_size=8, lr=3e-3, log_every=4, mixed_precision="no"))
+    losses = _losses(result.log_path)
+    assert losses[-1] < losses[0]
+    vae = stage.vae.eval()
+    factor = set_scaling_factor(vae, data)
+    assert vae.config.scaling_factor == factor
+    with torch.no_grad():
+        images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
+        latents = vae.encode(images).latent_dist.mode() * factor
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+    assert stage.sample(stage.modules(), 12).size == (8 * 64, 2 * 64)
+
+
+def test_empty_caption_embedding_is_finite_and_cached(unet_stage):
+    calls = []
+    unet_stage.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    hidden = unet_stage.text_embeddings(["", "a red circle", ""], torch.device("cpu"))
+    assert hidden.shape == (3, 77, SIZE.clip_text["hidden_size"])
+    assert torch.isfinite(hidden).all()
+    assert not torch.equal(hidden[0], hidden[1]) and torch.equal(hidden[0], hidden[2])
+    unet_stage.text_embeddings(["a red circle", ""], torch.device("cpu"))
+    assert len(calls) == 1
+
+
+def test_latent_cache_matches_the_vae(unet_stage, data):
+    cached = unet_stage.dataset()
+    assert len(cached) == len(data)
+    with torch.no_grad():
+        expected = unet_stage.vae.encode(data[3]["pixel_values"][None]).latent_dist.mode()[0]
+    expected = expected * unet_stage.vae.config.scaling_factor
+    torch.testing.assert_close(cached[3]["latents"].float(), expected, atol=2e-3, rtol=2e-3)
+    assert cached[3]["text"] == data[3]["text"]
+
+
+def test_unet_loss_is_reproducible_and_uncached_path_agrees(unet_stage, data):
+    cached = unet_stage.dataset()
+    batch = unet_stage.collate([cached[i] for i in range(8)])
+    loss_a, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(1))
+    loss_b, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(1))
+    loss_c, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(2))
+    assert torch.isfinite(loss_a) and loss_a.item() == loss_b.item() != loss_c.item()
+    raw = unet_stage.collate([data[i] for i in range(8)])
+    loss_raw, _ = unet_stage.loss("main", unet_stage.modules(), raw, torch.Generator().manual_seed(1))
+    assert loss_raw.item() == pytest.approx(loss_a.item(), rel=1e-2)
+
+
+def test_caption_dropout_uses_the_empty_caption(unet_stage):
+    seen = []
+    original = unet_stage.text_embeddings
+    unet_stage.text_embeddings = lambda texts, device: seen.extend(texts) or original(texts, device)
+    unet_stage.caption_dropout = 1.0
+    batch = unet_stage.collate([unet_stage.dataset()[i] for i in range(4)])
+    unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(0))
+    assert seen == [""] * 4
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights(unet_stage, prediction_type):
+    unet_stage.schedule["prediction_type"] = prediction_type
+    timesteps = torch.tensor([0, 100, 500, 999])
+    weights = unet_stage.loss_weights(timesteps)
+    alphas = unet_stage.noise_scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    torch.testing.assert_close(weights, expected)
+    assert weights[0] < 1   # t=0 is nearly noise-free: its huge SNR is clipped to γ
+    unet_stage.snr_gamma = None
+    assert unet_stage.loss_weights(timesteps).tolist() == [1.0] * 4
+
+
+def test_unet_trains_with_ema_and_samples(unet_stage, tmp_path):
+    unet_stage.sample_steps = 2
+    result = run(unet_stage, TrainConfig(tmp_path, max_steps=4, batch_size=8, ema_decay=0.9, log_every=2,
+                                         sample_every=4, mixed_precision="no"))
+    assert result.ema is not None
+    assert all(torch.isfinite(p).all() for p in result.ema["unet"].parameters())
+    assert (tmp_path / "samples" / "step-00000004.png").is_file()

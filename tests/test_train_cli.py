@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from typer.testing import CliRunner
+
+from brushwork.cli import app
+
+runner = CliRunner()
+TINY = ["--data", "shapes", "--size", "tiny", "--n", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a shared 2-vCPU machine OpenMP barriers
+    # between two threads stall whenever another process holds a core (steps 10-50x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(*args: str):
+    return runner.invoke(app, ["train", *args])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    result = _train(*TINY, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_recipe_writes_a_pipeline_that_generates(model):
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip", "README.md", "model_index.json"):
+        assert (model / part).exists(), part
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["requires_safety_checker"] is False and index["safety_checker"] == [None, None]
+    pipe = StableDiffusionPipeline.from_pretrained(model)   # offline: conftest sets HF_HUB_OFFLINE
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.vae.config.scaling_factor != 0.18215   # measured on the data, not SD's constant
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+
+def test_model_card_and_run_dirs(model):
+    card = (model / "README.md").read_text()
+    assert "`brushwork train --data shapes --out " in card and "--size tiny --n 64`" in card
+    for stage in ("clip", "vae", "unet"):
+        assert f"| {stage} |" in card
+        assert (model / "runs" / stage / "log.jsonl").is_file()
+    facts = json.loads((model / "training.json").read_text())
+    assert facts["stages"]["unet"]["steps"] == 6 and facts["n"] == 64
+
+
+def test_resume_of_a_finished_model_and_changed_settings(model):
+    result = _train(*TINY, "--out", str(model), "--resume")
+    assert result.exit_code == 0, result.output
+    result = _train(*TINY, "--out", str(model), "--resume", "--batch-size", "4")
+    assert result.exit_code == 1 and "batch_size: 8 -> 4" in result.output
+
+
+def test_stages_one_at_a_time(tmp_path):
+    out = str(tmp_path / "m")
+    for stage in ("clip", "vae", "unet"):
+        result = _train(stage, *TINY, "--out", out, "--steps", "2")
+        assert result.exit_code == 0, result.output
+    assert StableDiffusionPipeline.from_pretrained(out).unet.config.sample_size == 16
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "shapes", "--size", "huge"], "unknown model size 'huge'"),
+    (["--data", "/no/such/data", "--size", "tiny"], "unknown data set"),
+    (["--data", "shapes", "--size", "tiny", "--resolution", "60"], "resolution 60"),
+    (["--data", "shapes", "--size", "tiny", "--noise-schedule", "cubic"], "unknown noise schedule"),
+])
+def test_bad_input_fails_before_training(tmp_path, args, message):
+    result = _train(*args, "--out", str(tmp_path / "m"))
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m" / "runs" / "clip").exists()
+
+
+def test_refuses_a_non_empty_folder_and_a_unet_without_encoders(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = _train(*TINY, "--out", str(tmp_path))
+    assert result.exit_code == 1 and "not empty" in result.output
+    result = _train("unet", *TINY, "--out", str(tmp_path / "fresh"))
+    assert result.exit_code == 1 and "text_encoder" in result.output
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = _train("--data", str(tmp_path / "data"), "--size", "tiny", "--out", str(tmp_path / "m"))
+    assert result.exit_code == 1 and "Error" in result.output
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _train(*TINY, "--out", str(blocker))
+    assert result.exit_code == 1 and "is a file" in result.output
