@@ -22,6 +22,7 @@ index). Draw noise/timesteps/caption dropout from `generator`: a resumed run the
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -90,6 +91,11 @@ class Stage(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
     def fingerprint(self) -> dict: ...
     def sample(self, modules: dict[str, nn.Module], step: int) -> Any: ...  # PIL image or None
+
+
+def _close_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class BaseStage(abc.ABC):
@@ -379,6 +385,10 @@ class _Trainer:
         self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision=precision, kwargs_handlers=[ddp])
         self.precision = precision
         world = acc.num_processes
+        if world > 1:
+            # gloo aborts a process that exits with its process group still open ("terminate called without an
+            # active exception"); close it at exit, after every stage of this process has run.
+            atexit.register(_close_process_group)
         if config.batch_size % (world * config.grad_accum):
             raise BrushworkError(f"batch_size {config.batch_size} must be divisible by processes ({world}) x "
                                  f"grad_accum ({config.grad_accum}) so every micro-batch has the same size.")
