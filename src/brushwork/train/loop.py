@@ -280,7 +280,10 @@ def _check_config(config: TrainConfig) -> None:
         raise BrushworkError("Invalid training config: " + "; ".join(problems) + ".")
 
 
-def _check_writable(out_dir: Path) -> None:
+def check_writable(out_dir: Path) -> None:
+    """BrushworkError unless out_dir is (or can be made) a folder we can write in."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BrushworkError(f"output {out_dir} is a file, not a folder: choose a folder path.")
     probe = out_dir / f".write-test-{os.getpid()}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +367,7 @@ class _Trainer:
     def setup(self) -> None:
         stage, config = self.stage, self.config
         _check_config(config)
-        _check_writable(self.out_dir)
+        check_writable(self.out_dir)
         existing = list_checkpoints(self.out_dir)
         if existing and not config.resume:
             raise BrushworkError(f"{self.out_dir} already holds checkpoints (newest: {existing[-1].name}). Pass "

@@ -30,7 +30,7 @@ from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
-from brushwork.train.loop import TrainConfig, list_checkpoints, run
+from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     set_scaling_factor, text_encoder_from_clip)
 
@@ -88,19 +88,6 @@ class Plan:
         return (Path(self.config.work) if self.config.work else self.out / "runs") / stage
 
 
-def _check_writable(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise BrushworkError(f"output {folder} is a file, not a folder: choose a folder path for --out.")
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise BrushworkError(f"cannot write to {folder}: {error.strerror or error}. Choose another folder or "
-                             "fix its permissions.") from None
-
-
 def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize, batch_size: int) -> dict:
     keys = [key for group in ("common", *stages) for key in RESUME_KEYS[group]]
     settings = {key: getattr(config, key) for key in keys}
@@ -128,9 +115,9 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
         raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
 
     out = Path(config.out)
-    _check_writable(out)
+    check_writable(out)
     work = Path(config.work) if config.work else out / "runs"
-    _check_writable(work)
+    check_writable(work)
     if not config.resume:
         if stages == STAGES and any(p.name != "runs" for p in out.iterdir()):
             raise BrushworkError(f"{out} is not empty: pass --resume to continue its training, or choose a new "
