@@ -49,6 +49,18 @@ def test_generate_numbered_files_and_info(model_dir, tmp_path):
     assert np.abs(pixels(second) - pixels(tmp_path / "out-0-1.png")).max() <= 2
 
 
+def test_images_carry_the_watermark_unless_turned_off(model_dir, tmp_path):
+    from brushwork.watermark import detect
+
+    marked, plain = tmp_path / "marked.png", tmp_path / "plain.png"
+    assert run("generate", "a red circle", "--seed", "3", "-o", str(marked), model=model_dir).exit_code == 0
+    assert run("generate", "a red circle", "--seed", "3", "--no-watermark", "-o", str(plain),
+               model=model_dir).exit_code == 0
+    assert detect(PIL.Image.open(marked)).found
+    assert not detect(PIL.Image.open(plain)).found
+    assert 0 < np.abs(pixels(marked) - pixels(plain)).max() <= 6
+
+
 def test_folder_output_prompts_file_and_random_seed(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green triangle\n")

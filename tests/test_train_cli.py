@@ -1,4 +1,5 @@
 import json
+import types
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from diffusers import StableDiffusionPipeline
 from typer.testing import CliRunner
 
 from brushwork.cli import app
+from brushwork.train.recipe import shapes_reconstruction_accuracy
 
 runner = CliRunner()
 TINY = ["--data", "shapes", "--size", "tiny", "--n", "64"]
@@ -56,6 +58,8 @@ def test_model_card_and_run_dirs(model):
         assert (model / "runs" / stage / "log.jsonl").is_file()
     facts = json.loads((model / "training.json").read_text())
     assert facts["stages"]["unet"]["steps"] == 6 and facts["n"] == 64
+    assert 0.0 <= facts["stages"]["vae"]["reconstructions_exact"] <= 1.0
+    assert "of held-out VAE reconstructions" in (model / "README.md").read_text()
 
 
 def test_resume_of_a_finished_model_and_changed_settings(model):
@@ -105,3 +109,24 @@ def test_unwritable_output(tmp_path):
     blocker.write_text("")
     result = _train(*TINY, "--out", str(blocker))
     assert result.exit_code == 1 and "is a file" in result.output
+
+
+class _FakeVae(torch.nn.Module):
+    """encode/decode stand-ins: `keep` returns the image itself, otherwise a grey image."""
+
+    def __init__(self, keep: bool):
+        super().__init__()
+        self.keep = keep
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(sample_size=64)
+
+    def encode(self, pixels):
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents):
+        return types.SimpleNamespace(sample=latents if self.keep else torch.zeros_like(latents))
+
+
+def test_shapes_reconstruction_gate_tells_a_faithful_vae_from_a_lossy_one():
+    assert shapes_reconstruction_accuracy(_FakeVae(keep=True), n=64) == 1.0
+    assert shapes_reconstruction_accuracy(_FakeVae(keep=False), n=64) == 0.0

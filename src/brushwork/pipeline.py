@@ -52,7 +52,6 @@ CLIP_TOKENIZER_DIR = SD_CONFIG_DIR / "clip-tokenizer"
 MAX_IMAGES = 64
 MAX_SIDE = 2048
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SMALL_MODEL_PARAMETERS = 100_000_000
 
 SAMPLERS = {
     "dpm++": DPMSolverMultistepScheduler,
@@ -164,10 +163,6 @@ class DiffusionModel:
     def _autocast(self):
         enabled = self.device.type == "cpu" and self.dtype != torch.float32
         return torch.autocast("cpu", dtype=self.dtype, enabled=enabled)
-
-    def sampling_parameters(self) -> int:
-        """Parameters of the network run at every sampling step (sets the CPU thread count)."""
-        return sum(p.numel() for p in self.unet.parameters())
 
     def token_count(self, prompt: str) -> int:
         """Tokens the prompt takes, start and end tokens included."""
@@ -427,15 +422,6 @@ def _weights_hash(path: Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def _default_threads(device: torch.device, model: DiffusionModel) -> int:
-    """CPU threads for sampling. Small models run single-threaded: their ops are so short that waking and
-    syncing a second thread costs more than it saves (measured 40 ms vs 280+ ms per UNet call for a 3M
-    UNet on 2 shared vCPUs); large models use torch's setting."""
-    if device.type == "cpu" and model.sampling_parameters() < SMALL_MODEL_PARAMETERS:
-        return 1
-    return torch.get_num_threads()
-
-
 @contextmanager
 def _num_threads(threads: int):
     previous = torch.get_num_threads()
@@ -464,7 +450,7 @@ class BrushworkPipeline:
         self.path = path
         self.device = device
         self.dtype = dtype
-        self.threads = threads or _default_threads(device, model)
+        self.threads = threads or torch.get_num_threads()
         self.name = path.stem if path.is_file() else path.name
 
     @classmethod

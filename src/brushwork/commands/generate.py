@@ -89,12 +89,14 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line.")] = None,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
+    no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in the images.")] = False,
 ) -> None:
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
     import torch
 
     from brushwork.pipeline import BrushworkPipeline, GenerationCancelled, resolve_sampler
     from brushwork.pnginfo import read_parameters, save_png
+    from brushwork.watermark import embed
 
     stored: dict = {}
     if from_image is not None:
@@ -155,6 +157,7 @@ def generate(
             except GenerationCancelled:
                 break
             for k, image in enumerate(result.images):
+                image = image if no_watermark else embed(image)
                 written.append(save_png(image, paths[start + k], result.parameters(k)))
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
         console.print(f"Warning: {message}")
