@@ -15,15 +15,6 @@ from brushwork.train.stages import ClipStage, UnetStage, VaeStage, set_scaling_f
 SIZE = get_size("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-vCPU machine OpenMP barriers
-    # between two threads stall whenever another process holds a core (steps 10-50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data():

@@ -13,15 +13,6 @@ runner = CliRunner()
 TINY = ["--data", "shapes", "--size", "tiny", "--n", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-vCPU machine OpenMP barriers
-    # between two threads stall whenever another process holds a core (steps 10-50x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _train(*args: str):
     return runner.invoke(app, ["train", *args])
