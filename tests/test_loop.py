@@ -152,6 +152,19 @@ def test_module_in_no_optimizer_is_rejected(tmp_path):
         run(Orphan(), make_config(tmp_path, 5))
 
 
+def test_optimizer_options_reach_the_optimizers(tmp_path):
+    class Frozen(ToyGan):
+        def optimizer_options(self):
+            return {"d": {"lr_scale": 0.0}, "g": {"betas": (0.0, 0.99)}}
+
+    stage = Frozen()
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in stage.modules().items()}
+    result = run(stage, make_config(tmp_path, 3, weight_decay=0.0))
+    unchanged = [torch.equal(a, b) for a, b in zip(before["d"], result.modules["d"].parameters())]
+    changed = [not torch.equal(a, b) for a, b in zip(before["g"], result.modules["g"].parameters())]
+    assert all(unchanged) and any(changed)
+
+
 def test_base_stage_defaults():
     class Minimal(BaseStage):
         def modules(self):
@@ -168,6 +181,7 @@ def test_base_stage_defaults():
 
     stage = Minimal()
     assert stage.optimizers() == {"main": ["a", "b"]} and stage.sample({}, 0) is None
+    assert stage.optimizer_options() == {}
     assert stage.collate([{"x": torch.ones(2)}, {"x": torch.zeros(2)}])["x"].shape == (2, 2)
 
 

@@ -131,6 +131,10 @@ class GanStage(BaseStage):
     def optimizers(self) -> dict[str, list[str]]:
         return {"d": ["d"], "g": ["g"]}
 
+    def optimizer_options(self) -> dict[str, dict]:
+        # GANs train with little or no first-moment momentum (StyleGAN2's and DF-GAN's betas).
+        return {"d": {"betas": (0.0, 0.99)}, "g": {"betas": (0.0, 0.99)}}
+
     def dataset(self) -> Dataset:
         return self.data
 

@@ -86,6 +86,7 @@ class Stage(Protocol):
     def dataset(self) -> Dataset: ...
     def collate(self, items: list[dict]) -> Any: ...
     def optimizers(self) -> dict[str, list[str]]: ...  # optimizer name -> module names, stepped in this order
+    def optimizer_options(self) -> dict[str, dict]: ...  # optimizer name -> AdamW overrides (+ "lr_scale")
     def loss(
         self, optimizer: str, modules: dict[str, nn.Module], batch: Any, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -132,6 +133,11 @@ class BaseStage(abc.ABC):
 
     def optimizers(self) -> dict[str, list[str]]:
         return {"main": list(self.modules())}
+
+    def optimizer_options(self) -> dict[str, dict]:
+        """Per optimizer name, AdamW keyword overrides, e.g. {"d": {"betas": (0.0, 0.99), "lr_scale": 4.0}}
+        ("lr_scale" multiplies the config's lr)."""
+        return {}
 
     def sample(self, modules: dict[str, nn.Module], step: int) -> Any:
         return None
@@ -424,7 +430,9 @@ class _Trainer:
             # Fused AdamW is fastest on CPU and CUDA; with fp16 the non-fused step keeps accelerate's
             # skipped-step detection (the scheduler must not advance on an overflow).
             fused = acc.device.type in ("cpu", "cuda") and precision != "fp16"
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+            options = dict(stage.optimizer_options().get(opt_name, {}))
+            lr = config.lr * options.pop("lr_scale", 1.0)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=fused, **options)
             self.schedulers[opt_name] = get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer,
                                                       num_warmup_steps=config.warmup_steps,
                                                       num_training_steps=config.max_steps)
