@@ -1,5 +1,7 @@
 """The `brushwork` command. Each concern owns a module under brushwork.commands; this file only wires them."""
 
+import warnings
+
 import typer
 from typer.core import TyperGroup
 
@@ -7,15 +9,22 @@ from brushwork.commands import data, eval, generate, serve, train
 from brushwork.errors import BrushworkError
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"Warning: {message}", err=True)
+
+
 class _Group(TyperGroup):
-    """Turns BrushworkError from any subcommand into a `Error: ...` line on stderr and exit code 1."""
+    """Turns BrushworkError from any subcommand into a `Error: ...` line on stderr and exit code 1, and
+    warnings into `Warning: ...` lines (no source file and line)."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except BrushworkError as error:
-            typer.echo(f"Error: {error}", err=True)
-            raise typer.Exit(1) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            try:
+                return super().invoke(ctx)
+            except BrushworkError as error:
+                typer.echo(f"Error: {error}", err=True)
+                raise typer.Exit(1) from None
 
 
 app = typer.Typer(
