@@ -19,6 +19,7 @@ from rich.progress import track
 from brushwork.data.captions import all_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.data.shapes import TASKS
+from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
 from brushwork.eval import metrics, report, speed
 from brushwork.eval.checker import check
@@ -72,11 +73,6 @@ def parse_sweep(text: str) -> tuple[str, list]:
     return key, parsed
 
 
-def _to_pil(pixels: torch.Tensor) -> Image.Image:
-    array = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
 def _check_data(data: str) -> None:
     if data not in DATA_NAMES and not Path(data).expanduser().exists():
         raise BrushworkError(f"unknown data set {data!r}: use shapes, emoji or a path to your own data folder")
@@ -105,7 +101,7 @@ def _real_images(data: str, count: int, resolution: int, seed: int) -> tuple[lis
     images, texts = [], []
     for i in track(indices, description="loading real images"):
         item = dataset[i]
-        images.append(_to_pil(item["pixel_values"]))
+        images.append(to_image(item["pixel_values"]))
         texts.append(item["text"])
     return images, texts
 
