@@ -215,3 +215,25 @@ def test_data_loader_workers_change_nothing(tmp_path):
     assert read_log(inline.log_path)[-1]["loss"] == read_log(workers.log_path)[-1]["loss"]
     for a, b in zip(inline.modules["net"].parameters(), workers.modules["net"].parameters()):
         assert torch.equal(a, b)
+
+
+def test_resume_ignores_private_config_keys_whose_order_changes(tmp_path):
+    # diffusers' `_use_default_values` is built from a set: its order differs between processes.
+    class ShuffledDefaults(ToyStage):
+        def __init__(self, order):
+            super().__init__()
+            self.order = order
+
+        def fingerprint(self):
+            return super().fingerprint() | {"model": {"_use_default_values": self.order, "width": 4}}
+
+    run(ShuffledDefaults(["a", "b"]), make_config(tmp_path, 4))
+    resumed = run(ShuffledDefaults(["b", "a"]), make_config(tmp_path, 6, resume=True))
+    assert resumed.step == 6
+
+    class OtherWidth(ShuffledDefaults):
+        def fingerprint(self):
+            return super().fingerprint() | {"model": {"_use_default_values": self.order, "width": 5}}
+
+    with pytest.raises(BrushworkError, match="configured differently.*width"):
+        run(OtherWidth(["a", "b"]), make_config(tmp_path, 8, resume=True))

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -125,9 +127,26 @@ def test_long_prompt_warns(pipe):
 
 
 def test_missing_default_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline_module, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    monkeypatch.setattr(pipeline_module, "SHIPPED_MODELS_DIR", tmp_path / "none")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(BrushworkError, match="no default model is installed"):
         BrushworkPipeline.from_pretrained()
+
+
+def test_shipped_model_names_resolve(monkeypatch, tmp_path, model_dir):
+    shipped = tmp_path / "models"
+    shipped.mkdir()
+    shutil.copytree(model_dir, shipped / "shapes")
+    monkeypatch.setattr(pipeline_module, "SHIPPED_MODELS_DIR", shipped)
+    monkeypatch.chdir(tmp_path)
+    assert pipeline_module.shipped_models() == ["shapes"]
+    assert BrushworkPipeline.from_pretrained().path == shipped / "shapes"
+    assert BrushworkPipeline.from_pretrained("shapes").name == "shapes"
+    (tmp_path / "shapes").mkdir()   # a folder of that name where the user works wins over the shipped one
+    with pytest.raises(BrushworkError, match="not a model folder"):
+        BrushworkPipeline.from_pretrained("shapes")
+    with pytest.raises(BrushworkError, match=r"model not found: nope \(the models shipped with brushwork: shapes\)"):
+        BrushworkPipeline.from_pretrained("nope")
 
 
 def test_bad_model_folders(tmp_path, model_dir):
@@ -156,3 +175,27 @@ def test_bad_model_folders(tmp_path, model_dir):
     shutil.rmtree(no_vae / "vae")
     with pytest.raises(BrushworkError, match="missing its vae"):
         BrushworkPipeline.from_pretrained(no_vae)
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_matches_eager(model_dir):
+    eager = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    compiled = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32, compile=True)
+    assert compiled.model.unet is not eager.model.unet and hasattr(compiled.model.unet, "_orig_mod")
+    a = np.asarray(eager("a red circle", seed=3, **SMALL).images[0], dtype=np.int16)
+    b = np.asarray(compiled("a red circle", seed=3, **SMALL).images[0], dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_compile_casts_the_cpu_unet_to_a_low_dtype(model_dir, monkeypatch):
+    # torch.compile itself is covered by the slow test above; here only what compile() does before it.
+    monkeypatch.setattr(pipeline_module, "_compiled", lambda module: module)
+    pipe = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, compile=True)
+    assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.float32
+    image = pipe("a red circle", seed=0, **SMALL).images[0]
+    assert image.size == (32, 32)
+    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: False)
+    assert BrushworkPipeline.from_pretrained(model_dir, compile=True).dtype == torch.float32
+    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: True)
+    assert BrushworkPipeline.from_pretrained(model_dir, compile=True).dtype == torch.bfloat16
+    assert BrushworkPipeline.from_pretrained(model_dir).dtype == torch.float32

@@ -66,6 +66,14 @@ def test_stages_one_at_a_time(tmp_path):
         result = _train(stage, *TINY, "--out", out, "--steps", "2")
         assert result.exit_code == 0, result.output
     assert StableDiffusionPipeline.from_pretrained(out).unet.config.sample_size == 16
+    # Training the UNet on for more steps resumes it; the model card lists every command, in order.
+    result = _train("unet", *TINY, "--out", out, "--steps", "4", "--resume")
+    assert result.exit_code == 0, result.output
+    facts = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert facts["stages"]["unet"]["steps"] == 4
+    assert [c.split()[2] for c in facts["commands"]] == ["clip", "vae", "unet", "unet"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert card.index("train clip") < card.index("train vae") < card.index("--steps 4 --n 64 --resume")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -20,7 +20,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def evaluate(
-    model: Annotated[list[Path], typer.Option("--model", help="Model folder; repeat to compare several side by side.")],
+    model: Annotated[list[Path], typer.Option("--model", help="Model folder or shipped model name (shapes, shapes-gan); repeat to compare several side by side.")],
     data: Annotated[str, typer.Option(help="shapes, emoji, or a folder of your own images with captions.")] = "shapes",
     n: Annotated[int, typer.Option(help="Prompts per task (shapes) or prompts drawn from the data set.")] = 64,
     per_prompt: Annotated[int, typer.Option(help="Images per prompt (2+ for intra-prompt diversity).")] = 2,
@@ -31,8 +31,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Base seed: image j of prompt i uses seed + i*per_prompt + j.")] = 0,
     inception_weights: Annotated[Path | None, typer.Option(
         help="FID Inception-v3 weights file (pt_inception-2015-12-05); default features: the model's CLIP.")] = None,
-    clip: Annotated[Path | None, typer.Option(help="A CLIP model folder for all text/image embeddings "
-                                                   "(default: MODEL/clip of the first model).")] = None,
+    clip: Annotated[Path | None, typer.Option(help="A CLIP model folder (or a model holding clip/) for all text/image "
+                                                   "embeddings (default: the clip/ of the first model that has one).")] = None,
     sweep: Annotated[list[str] | None, typer.Option(
         help="KEY=V1,V2,... with KEY steps, guidance or sampler; repeatable. Plots each metric against it.")] = None,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes for the throughput measurement; '' skips speed.")] = "1,4,16",

@@ -79,7 +79,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 turns it off [default: 5].")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun (or AUTOMATIC1111 names) [default: dpm++].")] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder or SD .safetensors file [default: the shipped model].")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan) [default: shapes].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps [default: best available].")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height in pixels [default: the model's size].")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width in pixels [default: the model's size].")] = None,
@@ -90,6 +90,7 @@ def generate(
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in the images.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the denoiser: about 2x faster sampling on a CPU with bf16, after a first call that takes a minute or two; pays off for many images.")] = False,
 ) -> None:
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
     import torch
@@ -129,7 +130,8 @@ def generate(
 
     _quiet_libraries()
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
-    pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                             compile=compile)
     console = Console(stderr=True)
     if stored.get("model_hash") and stored["model_hash"] != pipe.model_hash:
         console.print(f"Warning: {from_image} was made with model {stored.get('model', '?')} "

@@ -37,7 +37,7 @@ Prediction = Annotated[str, typer.Option("--prediction", help="UNet target: epsi
 Schedule = Annotated[str, typer.Option("--noise-schedule", help="linear, scaled_linear or squaredcos_cap_v2.")]
 SnrGamma = Annotated[float, typer.Option("--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")]
 CaptionDropout = Annotated[float, typer.Option("--caption-dropout", help="Share of empty captions (for guidance).")]
-EmaDecay = Annotated[float, typer.Option("--ema-decay", help="UNet weight EMA decay; 0 turns it off.")]
+EmaDecay = Annotated[float, typer.Option("--ema-decay", help="EMA decay of the generator's weights (UNet or GAN G); 0 turns it off.")]
 VocabSize = Annotated[int, typer.Option("--vocab-size", help="Upper bound of the tokenizer's vocabulary.")]
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
 SampleEvery = Annotated[int, typer.Option("--sample-every", help="Steps between sample grids; 0: never.")]

@@ -24,7 +24,7 @@ from brushwork.errors import BrushworkError
 from brushwork.eval import metrics, report, speed
 from brushwork.eval.checker import check
 from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
-from brushwork.pipeline import BrushworkPipeline, resolve_sampler
+from brushwork.pipeline import BrushworkPipeline, resolve_model, resolve_sampler, shipped_models
 
 SWEEP_KEYS = {"steps": int, "guidance": float, "sampler": str}
 DATA_NAMES = ("shapes", "emoji")
@@ -204,13 +204,33 @@ def _grid(images: list[Image.Image], prompts: list[str], per_prompt: int, passed
     return report.make_grid([images[i * per_prompt] for i in shown], captions)
 
 
+def _evaluation_clip(config: EvalConfig) -> tuple[Path, Path]:
+    """The CLIP folder for all embeddings and the tokenizer folder for it: --clip (a CLIPModel folder, or a
+    model folder or shipped name holding clip/), else the clip/ of the first model that has one."""
+    if config.clip:
+        clip_dir = resolve_model(config.clip)
+        clip_dir = clip_dir / "clip" if (clip_dir / "clip").is_dir() else clip_dir
+        if not (clip_dir / "config.json").is_file():
+            raise BrushworkError(f"--clip {config.clip}: not a CLIP model folder (no config.json)")
+    else:
+        with_clip = [path for path in config.models if (path / "clip").is_dir()]
+        if not with_clip:
+            raise BrushworkError(f"{config.models[0]} has no clip/ folder (the CLIP used for evaluation); pass --clip "
+                                 "PATH to a transformers CLIPModel folder, or a brushwork model that has one")
+        clip_dir = with_clip[0] / "clip"
+    tokenizer_dir = clip_dir if (clip_dir / "vocab.json").is_file() else config.models[0] / "tokenizer"
+    return clip_dir, tokenizer_dir
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Runs the whole evaluation and writes report.html, report.json, grids and plots into config.out."""
     if not config.models:
         raise BrushworkError("give at least one --model PATH")
+    config.models = [resolve_model(path) for path in config.models]   # shipped names ("shapes") -> folders
     for path in config.models:
-        if not Path(path).exists():
-            raise BrushworkError(f"model not found: {path}")
+        if not path.exists():
+            raise BrushworkError(f"model not found: {path} (the models shipped with brushwork: "
+                                 f"{', '.join(shipped_models()) or 'none'})")
     _check_data(config.data)
     if config.n < 1 or config.per_prompt < 1:
         raise BrushworkError(f"--n and --per-prompt must be at least 1 (got {config.n} and {config.per_prompt})")
@@ -227,14 +247,10 @@ def evaluate(config: EvalConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
 
-    clip_dir = Path(config.clip) if config.clip else Path(config.models[0]) / "clip"
-    if not clip_dir.is_dir():
-        raise BrushworkError(f"{config.models[0]} has no clip/ folder (the CLIP used for evaluation); pass --clip "
-                             "PATH to a transformers CLIPModel folder")
+    clip_dir, tokenizer_dir = _evaluation_clip(config)
     pipe = BrushworkPipeline.from_pretrained(config.models[0], device=config.device)
     device = str(pipe.device)
-    embedder = ClipEmbedder(clip_dir, Path(config.models[0]) / "tokenizer", device=device,
-                            label="CLIP" if config.clip else "brushwork CLIP")
+    embedder = ClipEmbedder(clip_dir, tokenizer_dir, device=device, label="CLIP" if config.clip else "brushwork CLIP")
     extractor = InceptionFeatures(config.inception_weights, device) if config.inception_weights else embedder
 
     if config.data == "shapes":

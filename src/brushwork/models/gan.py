@@ -336,6 +336,12 @@ class GanModel:
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, truncation=False).input_ids)
 
+    def compile(self) -> None:
+        """torch.compile the generator (fp32 on the CPU, like eager: its convolutions are small)."""
+        from brushwork.pipeline import _compiled
+
+        self.generator_model = _compiled(self.generator_model)
+
     def generate(self, pipe, prompts: list[str], negative_prompts: list[str], generators, num_inference_steps: int,
                  guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None
                  ) -> torch.Tensor:

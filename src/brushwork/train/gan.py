@@ -288,7 +288,7 @@ A one-step text-to-image generator (a text-conditional GAN) trained with brushwo
 `model.safetensors` hold the generator (EMA weights); `text_encoder/` and `tokenizer/` are the frozen CLIP
 text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 
-- Command: `{facts['command']}`
+- Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
 - Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']})
@@ -332,7 +332,11 @@ def train_gan(config: GanTrainConfig) -> Path:
                 shutil.copytree(text_model / part, out / part, dirs_exist_ok=True)
         lines = result.log_path.read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
-        facts = {"kind": "gan", "command": config.command, "data": config.data, "n": len(data),
+        previous = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+        commands = previous.get("commands", []) if config.resume else []
+        if config.command and config.command not in commands:
+            commands.append(config.command)
+        facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
                  "resolution": generator.config.resolution, "text_model": str(text_model), "size": config.size,
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "loss": config.loss,
                  "r1_gamma": config.r1_gamma, "ema_decay": config.ema_decay,

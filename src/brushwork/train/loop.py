@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from brushwork.errors import BrushworkError
+from brushwork.hardware import cpu_has_native_bf16
 
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
@@ -243,7 +244,17 @@ def _config_json(config: TrainConfig) -> dict:
 
 
 def _normalized(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+    return _without_private_keys(json.loads(json.dumps(value, sort_keys=True, default=str)))
+
+
+def _without_private_keys(value: Any) -> Any:
+    # diffusers configs carry `_use_default_values`, a list built from a set: its order changes from one
+    # process to the next (string hashing), so it must not take part in comparing fingerprints.
+    if isinstance(value, dict):
+        return {k: _without_private_keys(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [_without_private_keys(v) for v in value]
+    return value
 
 
 def _fsync(path: Path) -> None:
@@ -306,18 +317,10 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     """"auto" -> "bf16" where the device computes bf16 natively, else "no"; refuses fp16 off GPU."""
     if requested == "auto":
-        native = _cpu_has_bf16() if device.type == "cpu" else device.type in ("cuda", "mps") and is_bf16_available(True)
+        native = cpu_has_native_bf16() if device.type == "cpu" else device.type in ("cuda", "mps") and is_bf16_available(True)
         return "bf16" if native else "no"
     if requested == "fp16" and device.type not in ("cuda", "mps"):
         raise BrushworkError(f"mixed_precision='fp16' needs a CUDA or MPS GPU (training runs on {device.type}); "
@@ -336,7 +339,7 @@ def _check_resume(checkpoint: Path, stage: Stage, config: TrainConfig) -> dict:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise BrushworkError(f"Checkpoint {checkpoint} has format {state.get('format')!r}; this brushwork "
                              f"reads format {CHECKPOINT_FORMAT}. Train into a new out_dir.")
-    saved, current = state["fingerprint"], _normalized(stage.fingerprint())
+    saved, current = _normalized(state["fingerprint"]), _normalized(stage.fingerprint())
     if saved != current:
         keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys)

@@ -179,8 +179,11 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     facts = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
     lines = result.log_path.read_text().splitlines()
     last = json.loads(lines[-1]) if lines else {}
+    commands = facts.get("commands", [])
+    if p.config.command and p.config.command not in commands:
+        commands.append(p.config.command)   # a resumed or staged training adds its command to the history
     facts.update(data=p.config.data, n=len(p.data), size=p.size.name, resolution=p.size.resolution,
-                 command=p.config.command or facts.get("command", ""), machine=_machine(),
+                 commands=commands, machine=_machine(),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
     facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.config.lr[stage],
@@ -229,7 +232,8 @@ def model_card(facts: dict) -> str:
 A text-to-image model trained from scratch with brushwork, in diffusers' StableDiffusionPipeline layout.
 `clip/` holds the full CLIP model (text and vision towers) used for evaluation.
 
-- Command: `{facts['command']}`
+- Commands, in order:
+{_command_lines(facts)}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Machine: {hardware}, {machine['platform']}
 - Versions: {', '.join(f'{name} {version}' for name, version in facts['versions'].items())}
@@ -238,6 +242,11 @@ A text-to-image model trained from scratch with brushwork, in diffusers' StableD
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 {_reconstruction_line(facts)}"""
+
+
+def _command_lines(facts: dict) -> str:
+    commands = facts.get("commands") or [facts.get("command", "")]
+    return "\n".join(f"  - `{command}`" for command in commands)
 
 
 def _reconstruction_line(facts: dict) -> str:
