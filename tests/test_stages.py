@@ -10,7 +10,7 @@ from brushwork.data.dataset import open_dataset
 from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, run
-from brushwork.train.stages import ClipStage, UnetStage, VaeStage, set_scaling_factor, text_encoder_from_clip
+from brushwork.train.stages import ClipStage, UnetStage, VaeStage, normalize_latents, text_encoder_from_clip
 
 SIZE = get_size("tiny")
 
@@ -70,18 +70,25 @@ def test_clip_learns_and_clamps_temperature(tokenizer, data, tmp_path):
     assert image.size == (8 * 64, 64 + 8 * 64)
 
 
-def test_vae_trains_and_scaling_factor_normalises_latents(data, tmp_path):
+def test_vae_trains_and_latents_are_normalised_per_channel(data, tmp_path):
     stage = VaeStage(data, build_vae(SIZE))
     result = run(stage, TrainConfig(tmp_path, max_steps=12, batch_size=8, lr=3e-3, log_every=4, mixed_precision="no"))
     losses = _losses(result.log_path)
     assert losses[-1] < losses[0]
     vae = stage.vae.eval()
-    factor = set_scaling_factor(vae, data)
-    assert vae.config.scaling_factor == factor
+    images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
     with torch.no_grad():
-        images = torch.stack([data[i]["pixel_values"] for i in range(len(data))])
-        latents = vae.encode(images).latent_dist.mode() * factor
-    assert latents.std().item() == pytest.approx(1.0, rel=1e-3)
+        before = vae.decode(vae.encode(images).latent_dist.mode()).sample
+        stats = normalize_latents(vae, data)
+        latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+        after = vae.decode(latents / vae.config.scaling_factor).sample
+    assert vae.config.scaling_factor == 1.0 and len(stats["mean"]) == len(stats["std"]) == 4
+    assert max(abs(m) for m in stats["mean"]) > 0.01   # there was something to normalise
+    torch.testing.assert_close(latents.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(latents.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)   # the same autoencoder, other coordinates
+    again = normalize_latents(vae, data)                             # idempotent: a resumed stage may run it twice
+    assert max(abs(m) for m in again["mean"]) < 1e-4 and max(abs(s - 1) for s in again["std"]) < 1e-4
     assert stage.sample(stage.modules(), 12).size == (8 * 64, 2 * 64)
 
 

@@ -327,9 +327,11 @@ def train_gan(config: GanTrainConfig) -> Path:
     if PartialState().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")
         save_generator(g, out)
-        for part in ("tokenizer", "text_encoder", "clip"):
-            if (text_model / part).is_dir():
-                shutil.copytree(text_model / part, out / part, dirs_exist_ok=True)
+        # The encoder G was trained with, saved from memory: the text model's folder may have changed since.
+        text_encoder.save_pretrained(out / "text_encoder")
+        tokenizer.save_pretrained(out / "tokenizer")
+        if (text_model / "clip").is_dir():
+            shutil.copytree(text_model / "clip", out / "clip", dirs_exist_ok=True)
         lines = result.log_path.read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
         previous = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}

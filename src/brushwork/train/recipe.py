@@ -34,7 +34,7 @@ from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae,
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
-                                    set_scaling_factor, text_encoder_from_clip)
+                                    normalize_latents, text_encoder_from_clip)
 
 STAGES = ("clip", "vae", "unet")
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
@@ -284,13 +284,12 @@ def train_clip(p: Plan) -> CLIPModel:
 
 
 def train_vae(p: Plan) -> AutoencoderKL:
-    """VAE, then its latent scaling factor measured on the data; writes vae/."""
+    """VAE, then its latents normalised per channel on the data; writes vae/."""
     started = time.time()
     stage = VaeStage(p.data, build_vae(p.size), reconstruction=p.config.reconstruction, kl_weight=p.config.kl_weight)
     result = run(stage, _train_config(p, "vae"))
     vae = result.modules["vae"].vae.eval()
-    set_scaling_factor(vae, p.data)
-    extra = {}
+    extra = {"latent_stats": normalize_latents(vae, p.data)}
     if p.config.data == "shapes" and _main_process():
         extra["reconstructions_exact"] = shapes_reconstruction_accuracy(vae, seed=p.config.seed + 1)
         if extra["reconstructions_exact"] < 0.99:
