@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import CLIPTextModel
 
 from brushwork.data.captions import all_captions
 from brushwork.data.dataset import open_dataset
@@ -200,6 +201,11 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
     for part in ("config.json", "model.safetensors", "tokenizer", "text_encoder", "README.md", "training.json"):
         assert (out / part).exists(), part
     assert (out / "runs" / "gan" / "samples" / "step-00000003.png").is_file()
+    assert "- Machine: " in (out / "README.md").read_text()
+    # The folder holds the very encoder G was trained with (saved from memory, not copied from the text model).
+    saved = CLIPTextModel.from_pretrained(out / "text_encoder")
+    for name, tensor in text_encoder.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
     model = GanModel.from_pretrained(out)
     images = model.generate(None, PROMPTS, [""] * 3, [torch.Generator().manual_seed(0)] * 3, 1, 0.0, "ddim", 32, 32)
     assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()

@@ -40,6 +40,7 @@ from brushwork.models.gan import (Discriminator, Generator, build_discriminator,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
+from brushwork.train.recipe import describe_machine, machine_facts
 from brushwork.train.stages import image_grid
 
 LOSSES = ("hinge", "nonsaturating")
@@ -294,6 +295,7 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
+- Machine: {describe_machine(facts['machine'])}
 """
 
 
@@ -344,7 +346,7 @@ def train_gan(config: GanTrainConfig) -> Path:
                  "r1_gamma": config.r1_gamma, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
-                 "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+                 "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_facts()}
         (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
         (out / "README.md").write_text(_model_card(facts))
     PartialState().wait_for_everyone()

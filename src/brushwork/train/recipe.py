@@ -183,7 +183,7 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     if p.config.command and p.config.command not in commands:
         commands.append(p.config.command)   # a resumed or staged training adds its command to the history
     facts.update(data=p.config.data, n=len(p.data), size=p.size.name, resolution=p.size.resolution,
-                 commands=commands, machine=_machine(),
+                 commands=commands, machine=machine_facts(),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
     facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.config.lr[stage],
@@ -197,7 +197,7 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     (p.out / "README.md").write_text(model_card(facts))
 
 
-def _machine() -> dict:
+def machine_facts() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -213,11 +213,15 @@ def _machine() -> dict:
     return machine
 
 
-def model_card(facts: dict) -> str:
-    machine = facts["machine"]
+def describe_machine(machine: dict) -> str:
     hardware = f"{machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads)"
     if "gpu" in machine:
         hardware += f", GPU {machine['gpu']}"
+    return f"{hardware}, {machine['platform']}"
+
+
+def model_card(facts: dict) -> str:
+    hardware = describe_machine(facts["machine"])
     rows = "\n".join(
         f"| {name} | {s['steps']} | {s['batch_size']} | {s['lr']} | {s['final_loss']:.4g} | "
         f"{s['train_time_s'] / 60:.1f} min | {', '.join(f'{k} {v / 1e6:.2f}M' for k, v in s['parameters'].items())} "
@@ -235,7 +239,7 @@ A text-to-image model trained from scratch with brushwork, in diffusers' StableD
 - Commands, in order:
 {_command_lines(facts)}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
-- Machine: {hardware}, {machine['platform']}
+- Machine: {hardware}
 - Versions: {', '.join(f'{name} {version}' for name, version in facts['versions'].items())}
 {schedule_line}
 | stage | steps | batch | lr | final loss | train time | parameters | finished |
