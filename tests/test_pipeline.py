@@ -142,8 +142,9 @@ def test_shipped_model_names_resolve(monkeypatch, tmp_path, model_dir):
     assert pipeline_module.shipped_models() == ["shapes"]
     assert BrushworkPipeline.from_pretrained().path == shipped / "shapes"
     assert BrushworkPipeline.from_pretrained("shapes").name == "shapes"
-    (tmp_path / "shapes").mkdir()   # a folder of that name where the user works wins over the shipped one
-    with pytest.raises(BrushworkError, match="not a model folder"):
+    (tmp_path / "shapes").mkdir()   # e.g. `brushwork data shapes --out shapes`: the default model is still shipped
+    assert BrushworkPipeline.from_pretrained().path == shipped / "shapes"
+    with pytest.raises(BrushworkError, match="not a model folder"):   # a path given by hand wins
         BrushworkPipeline.from_pretrained("shapes")
     with pytest.raises(BrushworkError, match=r"model not found: nope \(the models shipped with brushwork: shapes\)"):
         BrushworkPipeline.from_pretrained("nope")
@@ -189,7 +190,7 @@ def test_compiled_pipeline_matches_eager(model_dir):
 
 def test_compile_casts_the_cpu_unet_to_a_low_dtype(model_dir, monkeypatch):
     # torch.compile itself is covered by the slow test above; here only what compile() does before it.
-    monkeypatch.setattr(pipeline_module, "_compiled", lambda module: module)
+    monkeypatch.setattr(pipeline_module, "compile_for_inference", lambda module: module)
     pipe = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, compile=True)
     assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.float32
     image = pipe("a red circle", seed=0, **SMALL).images[0]

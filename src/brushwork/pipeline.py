@@ -43,7 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from brushwork import __version__
 from brushwork.errors import BrushworkError
-from brushwork.hardware import cpu_has_native_bf16
+from brushwork.hardware import compile_for_inference, cpu_has_native_bf16
 from brushwork.models.gan import GanModel, is_gan_folder
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -175,7 +175,7 @@ class DiffusionModel:
             diffusers_logging.set_verbosity_error()   # its advice on keeping modules in fp32 does not apply here
             self.unet.to(self.dtype)
             diffusers_logging.set_verbosity(verbosity)
-        self.unet = _compiled(self.unet)
+        self.unet = compile_for_inference(self.unet)
 
     def token_count(self, prompt: str) -> int:
         """Tokens the prompt takes, start and end tokens included."""
@@ -228,15 +228,6 @@ class DiffusionModel:
                     latents = update.get("latents", latents)
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
-
-
-def _compiled(module: torch.nn.Module) -> torch.nn.Module:
-    # Freezing turns the weights into constants, so inductor packs the convolution weights once for oneDNN
-    # instead of on every call: most of the gain on the CPU. It needs inference-only use, which pipelines are.
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    return torch.compile(module, dynamic=False)
 
 
 def _step_parameters(scheduler) -> set[str]:
@@ -453,17 +444,17 @@ def shipped_models() -> list[str]:
 
 
 def resolve_model(model: str | Path | None) -> Path:
-    """A model path, or the name of a shipped model ("shapes", "shapes-gan"); None means the default model.
-    A path that exists wins over a shipped name."""
+    """A model path, or the name of a shipped model ("shapes", "shapes-gan"); None means the default shipped
+    model, whatever lies in the working folder. A path that exists wins over a shipped name given by hand."""
     if model is None:
-        model = DEFAULT_MODEL
-    path = Path(model).expanduser()
-    if path.exists() or str(model) not in shipped_models():
-        if model == DEFAULT_MODEL and not path.exists():
+        if DEFAULT_MODEL not in shipped_models():
             raise BrushworkError("no default model is installed with this brushwork; pass --model PATH (a model "
                                  "folder or .safetensors file)")
-        return path
-    return SHIPPED_MODELS_DIR / str(model)
+        return SHIPPED_MODELS_DIR / DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if not path.exists() and str(model) in shipped_models():
+        return SHIPPED_MODELS_DIR / str(model)
+    return path
 
 
 @contextmanager
@@ -482,7 +473,6 @@ def _default_dtype(device: torch.device, compiled: bool = False) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.bfloat16 if compiled and cpu_has_native_bf16() else torch.float32
-
 
 
 class BrushworkPipeline:

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from brushwork.errors import BrushworkError
+from brushwork.hardware import compile_for_inference
 
 GAN_KIND = "gan"
 WEIGHTS_NAME = "model.safetensors"
@@ -338,9 +339,7 @@ class GanModel:
 
     def compile(self) -> None:
         """torch.compile the generator (fp32 on the CPU, like eager: its convolutions are small)."""
-        from brushwork.pipeline import _compiled
-
-        self.generator_model = _compiled(self.generator_model)
+        self.generator_model = compile_for_inference(self.generator_model)
 
     def generate(self, pipe, prompts: list[str], negative_prompts: list[str], generators, num_inference_steps: int,
                  guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None
