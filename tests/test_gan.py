@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from brushwork.errors import BrushworkError
 from brushwork.models.gan import (GanModel, build_discriminator, build_generator, gan_generate, is_gan_folder,
                                   load_generator, save_generator)
 from brushwork.models.sizes import SIZES, build_clip
+from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.gan import (GanStage, GanTrainConfig, discriminator_loss, generator_loss, mismatched_order,
-                                 pairwise_distance, r1_penalty, train_gan)
+from brushwork.train.gan import (GanStage, GanTrainConfig, clip_loss, discriminator_loss, generator_loss,
+                                 mismatched_order, pairwise_distance, r1_penalty, train_gan)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
 
@@ -103,6 +105,13 @@ def test_r1_penalty_by_hand():
     assert r1_penalty(logits, x, gamma=2.0).item() == pytest.approx(14.0)
     constant = (x * 0).sum(dim=(1, 2)) + 5                  # D ignores the image: no penalty
     assert r1_penalty(constant, x, gamma=2.0).item() == 0
+
+
+def test_clip_loss_is_zero_when_aligned_and_two_when_opposite():
+    text = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert clip_loss(3 * text, text).item() == pytest.approx(0.0, abs=1e-6)   # scale does not matter
+    assert clip_loss(-text, text).item() == pytest.approx(2.0)
+    assert clip_loss(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), text).item() == pytest.approx(1.0)
 
 
 def test_pairwise_distance():
@@ -214,3 +223,30 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
         train_gan(GanTrainConfig(data="shapes", text_model=tmp_path, out=tmp_path / "other", size="tiny"))
     with pytest.raises(BrushworkError, match="unknown GAN size"):
         train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "other", size="huge"))
+
+
+def test_train_gan_takes_a_shipped_models_text_encoder_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # no folder named "shapes" here: the name means the shipped model
+    config = GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "gan", size="tiny", steps=1,
+                            n=8, batch_size=4, sample_every=0, collapse_threshold=0.0)
+    out = train_gan(config)
+    shipped = CLIPTextModel.from_pretrained(resolve_model("shapes") / "text_encoder")
+    saved = CLIPTextModel.from_pretrained(out / "text_encoder")
+    assert saved.config.hidden_size == shipped.config.hidden_size
+    torch.testing.assert_close(saved.get_input_embeddings().weight, shipped.get_input_embeddings().weight.float())
+
+
+def test_clip_term_is_logged_recorded_and_needs_a_clip(text_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "gan", size="tiny", steps=2,
+                            n=8, batch_size=4, sample_every=0, collapse_threshold=0.0, clip_weight=4.0, log_every=1)
+    out = train_gan(config)
+    logged = [json.loads(line) for line in (out / "runs" / "gan" / "log.jsonl").read_text().splitlines()]
+    assert all(-1 <= entry["g/clip_similarity"] <= 1 for entry in logged)
+    assert json.loads((out / "training.json").read_text())["clip_weight"] == 4.0
+    with pytest.raises(BrushworkError, match="needs a full CLIP model"):
+        train_gan(GanTrainConfig(data="shapes", text_model=text_model[0], out=tmp_path / "other", size="tiny",
+                                 clip_weight=1.0))
+    with pytest.raises(BrushworkError, match="--clip-weight must be at least 0"):
+        train_gan(GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "other", size="tiny",
+                                 clip_weight=-1.0))

@@ -1,9 +1,10 @@
 import json
+import shutil
 import types
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from typer.testing import CliRunner
 
 from brushwork.cli import app
@@ -129,3 +130,35 @@ class _FakeVae(torch.nn.Module):
 def test_shapes_reconstruction_gate_tells_a_faithful_vae_from_a_lossy_one():
     assert shapes_reconstruction_accuracy(_FakeVae(keep=True), n=64) == 1.0
     assert shapes_reconstruction_accuracy(_FakeVae(keep=False), n=64) == 0.0
+
+
+def test_fine_tuning_starts_from_another_models_unet(model, tmp_path):
+    out = tmp_path / "tuned"
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("runs"))
+    source = UNet2DConditionModel.from_pretrained(model / "unet")
+    # A learning rate this small leaves the weights where they started: the saved UNet must be the source's.
+    result = _train("unet", *TINY, "--out", str(out), "--steps", "2", "--init", str(model), "--lr", "1e-12")
+    assert result.exit_code == 0, result.output
+    tuned = UNet2DConditionModel.from_pretrained(out / "unet")
+    for (name, a), b in zip(source.state_dict().items(), tuned.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    facts = json.loads((out / "training.json").read_text())
+    assert facts["stages"]["unet"]["lr"] == 1e-12
+    source_facts = facts["stages"]["unet"]["initialized_from"]
+    assert source_facts["model"] == str(model) and source_facts["steps"] == 6
+    assert f"started from the UNet of `{model}` after 6 steps" in (out / "README.md").read_text()
+
+
+def test_fine_tuning_refuses_a_unet_that_does_not_fit(model, tmp_path):
+    out = tmp_path / "tuned"
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("runs"))
+    result = _train("unet", *TINY, "--out", str(out), "--init", str(tmp_path / "nowhere"))
+    assert result.exit_code == 1 and "has no unet/ folder" in result.output
+    other = tmp_path / "other"
+    config = dict(UNet2DConditionModel.load_config(model / "unet"))
+    UNet2DConditionModel.from_config({**config, "cross_attention_dim": 8}).save_pretrained(other / "unet")
+    result = _train("unet", *TINY, "--out", str(out), "--init", str(other))
+    assert result.exit_code == 1 and "cross_attention_dim 8 where this model needs" in result.output
+    assert "Traceback" not in result.output
+    result = _train("unet", *TINY, "--out", str(out), "--lr", "0")
+    assert result.exit_code == 1 and "--lr must be a positive number" in result.output

@@ -25,6 +25,8 @@ Size = Annotated[str, typer.Option(help="Model size: tiny (tests), small (CPU, h
 StepsClip = Annotated[int | None, typer.Option("--steps-clip", help="CLIP steps (default: the size's).")]
 StepsVae = Annotated[int | None, typer.Option("--steps-vae", help="VAE steps (default: the size's).")]
 StepsUnet = Annotated[int | None, typer.Option("--steps-unet", help="UNet steps (default: the size's).")]
+InitUnet = Annotated[str | None, typer.Option("--init", help="Start from this model's UNet weights (a model folder or a shipped name such as 'shapes') instead of random ones: fine-tuning.")]
+UnetLr = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 5e-4; lower suits --init).")]
 Steps = Annotated[int | None, typer.Option("--steps", help="Steps of this stage (default: the size's).")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Images per step (default: the size's).")]
 Count = Annotated[int | None, typer.Option("--n", help="Use this many items (shapes: images to draw; default 100000).")]
@@ -58,7 +60,8 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
          steps_clip: int | None, steps_vae: int | None, steps_unet: int | None, batch_size: int | None, n: int | None,
          resolution: int | None, work: Path | None, resume: bool, seed: int, precision: str, prediction: str,
          noise_schedule: str, snr_gamma: float, caption_dropout: float, ema_decay: float, vocab_size: int,
-         checkpoint_every: int, sample_every: int, workers: int) -> None:
+         checkpoint_every: int, sample_every: int, workers: int, init_unet: str | None = None,
+         lr: float | None = None) -> None:
     if data is None or out is None:
         raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     config = RecipeConfig(
@@ -67,8 +70,12 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
         mixed_precision=precision, prediction_type=prediction, beta_schedule=noise_schedule,
         snr_gamma=snr_gamma or None, caption_dropout=caption_dropout, ema_decay=ema_decay or None,
         vocab_size=vocab_size, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
-        command=_command_line(ctx),
+        init_unet=init_unet, command=_command_line(ctx),
     )
+    if lr is not None:
+        if not lr > 0:
+            raise BrushworkError(f"--lr must be a positive number, got {lr}.")
+        config.lr = config.lr | {stage: lr for stage in stages}
     folder = train_recipe(config, stages)
     console.print(f"trained {', '.join(stages)} into {folder}")
 
@@ -126,20 +133,22 @@ def unet(
     precision: Precision = "auto", prediction: Prediction = "epsilon", noise_schedule: Schedule = "scaled_linear",
     snr_gamma: SnrGamma = 5.0, caption_dropout: CaptionDropout = 0.1, ema_decay: EmaDecay = 0.999,
     checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500, workers: Workers = 0,
+    init: InitUnet = None, lr: UnetLr = None,
 ) -> None:
     """Train the UNet on OUT's text encoder and VAE: writes unet/, scheduler/ and model_index.json."""
     _run(ctx, ("unet",), data, out, size, None, None, steps, batch_size, n, resolution, work, resume, seed, precision,
          prediction, noise_schedule, snr_gamma, caption_dropout, ema_decay, 4096, checkpoint_every, sample_every,
-         workers)
+         workers, init_unet=init, lr=lr)
 
 
-TextModel = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder whose text_encoder/ and tokenizer/ condition the GAN (from `brushwork train` or `train clip`).")]
+TextModel = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (or shipped name such as 'shapes') whose text_encoder/ and tokenizer/ condition the GAN.")]
 GanSize = Annotated[str, typer.Option(help="GAN size: tiny (tests) or small (64×64, CPU, about an hour).")]
 GanSteps = Annotated[int | None, typer.Option("--steps", help="Optimizer steps, each one D step and one G step (default: the size's).")]
 GanLoss = Annotated[str, typer.Option("--loss", help=f"Adversarial loss: {', '.join(GAN_LOSSES)}.")]
 GanLr = Annotated[float, typer.Option("--lr", help="Learning rate of G and D.")]
 R1Gamma = Annotated[float, typer.Option("--r1-gamma", help="Weight of the R1 gradient penalty on real images; 0 turns it off.")]
 R1Every = Annotated[int, typer.Option("--r1-every", help="Compute R1 on 1 in this many D steps (lazy), weighted up to match.")]
+ClipWeight = Annotated[float, typer.Option("--clip-weight", help="Weight of a CLIP image-text similarity term in G's loss (GALIP); uses MODEL's clip/. 0 turns it off.")]
 CollapseThreshold = Annotated[float, typer.Option("--collapse-threshold", help="Stop when G's sample diversity (1.0 = as varied as real images) stays below this; 0 turns the watch off.")]
 CollapsePatience = Annotated[int, typer.Option("--collapse-patience", help="Consecutive log intervals below the threshold before stopping.")]
 CollapseAfter = Annotated[int, typer.Option("--collapse-after", help="Steps before the collapse watch starts.")]
@@ -149,7 +158,7 @@ CollapseAfter = Annotated[int, typer.Option("--collapse-after", help="Steps befo
 def gan(
     ctx: typer.Context, data: Data = None, model: TextModel = None, out: Out = None, size: GanSize = "small",
     steps: GanSteps = None, batch_size: BatchSize = None, n: Count = None, lr: GanLr = 2e-4, loss: GanLoss = "hinge",
-    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, ema_decay: EmaDecay = 0.999,
+    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, clip_weight: ClipWeight = 0.0, ema_decay: EmaDecay = 0.999,
     collapse_threshold: CollapseThreshold = 0.05, collapse_patience: CollapsePatience = 5,
     collapse_after: CollapseAfter = 500, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
@@ -161,7 +170,7 @@ def gan(
                              "--model my-model --out my-gan")
     config = GanTrainConfig(
         data=data, text_model=model, out=out, size=size, steps=steps, batch_size=batch_size, n=n, lr=lr, loss=loss,
-        r1_gamma=r1_gamma, r1_every=r1_every, ema_decay=ema_decay or None, collapse_threshold=collapse_threshold,
+        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, ema_decay=ema_decay or None, collapse_threshold=collapse_threshold,
         collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,
         mixed_precision=precision, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
         command=_command_line(ctx),

@@ -32,13 +32,14 @@ from accelerate import PartialState
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
+from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
 from brushwork.train.recipe import describe_machine, machine_facts
 from brushwork.train.stages import image_grid
@@ -77,6 +78,11 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor, gamma: floa
     return gamma / 2 * gradient.float().pow(2).flatten(1).sum(dim=1).mean()
 
 
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """1 − cosine similarity between each image's CLIP embedding and its caption's, averaged: 0 when aligned."""
+    return 1 - F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1).mean()
+
+
 def pairwise_distance(images: torch.Tensor) -> torch.Tensor:
     """Mean over pairs of the RMS per-pixel difference between two images of the batch."""
     flat = images.detach().float().flatten(1)
@@ -105,7 +111,8 @@ class GanStage(BaseStage):
     def __init__(self, data: Dataset, generator: Generator, discriminator: Discriminator,
                  text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, loss: str = "hinge", r1_gamma: float = 1.0,
                  r1_every: int = 4, collapse_threshold: float = 0.05, collapse_patience: int = 5,
-                 collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None):
+                 collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
+                 clip: CLIPModel | None = None, clip_weight: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -122,6 +129,11 @@ class GanStage(BaseStage):
         self.collapse_after_calls = collapse_after * grad_accum
         self._d_calls = 0
         self.run_dir = run_dir
+        # GALIP's idea, on the model's own CLIP: G is also pulled towards images whose CLIP embedding matches
+        # the caption's. The vision tower takes pixels in [-1, 1], as G makes them.
+        self.clip = clip.requires_grad_(False).eval() if clip is not None and clip_weight > 0 else None
+        self.clip_weight = clip_weight if self.clip is not None else 0.0
+        self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._diversity: list[torch.Tensor] = []
         self._low_intervals = 0
@@ -164,6 +176,21 @@ class GanStage(BaseStage):
         mask = torch.arange(words.shape[1], device=device)[None, :] < lengths[:, None]
         return sentence, words, mask
 
+    @torch.no_grad()
+    def clip_text_embeds(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._clip_text_cache))
+        if missing:
+            if len(self._clip_text_cache) + len(missing) > MAX_CACHED_CAPTIONS:
+                self._clip_text_cache.clear()
+            self.clip.to(device)
+            tokens = self.tokenizer(missing, padding="longest", truncation=True, return_tensors="pt")
+            with torch.autocast(device.type, enabled=False):
+                embeds = self.clip.get_text_features(input_ids=tokens.input_ids.to(device),
+                                                     attention_mask=tokens.attention_mask.to(device))
+            embeds = getattr(embeds, "pooler_output", embeds)
+            self._clip_text_cache.update(zip(missing, embeds.float()))
+        return torch.stack([self._clip_text_cache[t] for t in texts])
+
     def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
         images, texts = batch["pixel_values"], batch["text"]
         device, n = images.device, len(texts)
@@ -172,7 +199,16 @@ class GanStage(BaseStage):
         if optimizer == "g":
             fake = modules["g"](z, sentence, words, mask)
             fake_logits = modules["d"](fake, sentence).float()
-            return generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
+            loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
+            if self.clip is not None:
+                side = self.clip.config.vision_config.image_size
+                pixels = fake if fake.shape[-1] == side else F.interpolate(fake, size=(side, side), mode="bilinear")
+                image_embeds = self.clip.get_image_features(pixel_values=pixels)
+                image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
+                term = clip_loss(image_embeds, self.clip_text_embeds(texts, device))
+                loss = loss + self.clip_weight * term
+                metrics["clip_similarity"] = 1 - term.detach()
+            return loss, metrics
 
         with torch.no_grad():
             fake = modules["g"](z, sentence, words, mask)
@@ -225,7 +261,7 @@ class GanStage(BaseStage):
     def fingerprint(self) -> dict:
         return {"stage": self.name, "g": asdict(self.generator.config), "d": asdict(self.discriminator.config),
                 "loss": self.loss_kind, "r1_gamma": self.r1_gamma, "r1_every": self.r1_every,
-                "data_size": len(self.data),
+                "data_size": len(self.data), "clip_weight": self.clip_weight,
                 "text_encoder": self.text_encoder.config.to_diff_dict()}
 
     @torch.no_grad()
@@ -256,6 +292,7 @@ class GanTrainConfig:
     r1_gamma: float = 1.0
     r1_every: int = 4
     ema_decay: float | None = 0.999
+    clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
     collapse_threshold: float = 0.05
     collapse_patience: int = 5
     collapse_after: int = 500      # steps before the collapse watch starts
@@ -271,11 +308,16 @@ class GanTrainConfig:
 
 
 def _check_folders(config: GanTrainConfig) -> None:
-    text_model, out = Path(config.text_model), Path(config.out)
+    text_model, out = resolve_model(config.text_model), Path(config.out)
     missing = [part for part in ("text_encoder", "tokenizer") if not (text_model / part).is_dir()]
     if missing:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
+    if config.clip_weight < 0:
+        raise BrushworkError(f"--clip-weight must be at least 0, got {config.clip_weight}.")
+    if config.clip_weight > 0 and not (text_model / "clip").is_dir():
+        raise BrushworkError(f"--clip-weight needs a full CLIP model in {text_model / 'clip'} (what `brushwork "
+                             "train` writes); this model folder has none.")
     if (out / "model_index.json").is_file():
         raise BrushworkError(f"{out} holds a diffusion model; choose a new folder for the GAN with --out.")
     if out.exists() and not out.is_dir():
@@ -292,7 +334,8 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
-- Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']})
+- Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']},
+  CLIP term weight {facts.get('clip_weight', 0.0)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
 - Machine: {describe_machine(facts['machine'])}
@@ -308,7 +351,7 @@ def train_gan(config: GanTrainConfig) -> Path:
     if config.r1_gamma < 0 or config.r1_every < 1 or config.collapse_patience < 1 or config.collapse_after < 0:
         raise BrushworkError("--r1-gamma and --collapse-after must be >= 0, --r1-every and --collapse-patience >= 1.")
     _check_folders(config)
-    text_model, out = Path(config.text_model), Path(config.out)
+    text_model, out = resolve_model(config.text_model), Path(config.out)
     tokenizer = CLIPTokenizer.from_pretrained(text_model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
     text_dim = text_encoder.config.hidden_size
@@ -316,10 +359,11 @@ def train_gan(config: GanTrainConfig) -> Path:
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
+    clip = CLIPModel.from_pretrained(text_model / "clip") if config.clip_weight > 0 else None
     stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
                      r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
-                     log_every=config.log_every, run_dir=run_dir)
+                     log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -341,9 +385,9 @@ def train_gan(config: GanTrainConfig) -> Path:
         if config.command and config.command not in commands:
             commands.append(config.command)
         facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
-                 "resolution": generator.config.resolution, "text_model": str(text_model), "size": config.size,
+                 "resolution": generator.config.resolution, "text_model": str(config.text_model), "size": config.size,
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "loss": config.loss,
-                 "r1_gamma": config.r1_gamma, "ema_decay": config.ema_decay,
+                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
                  "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_facts()}

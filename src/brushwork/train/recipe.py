@@ -23,13 +23,14 @@ import diffusers
 import torch
 import transformers
 from accelerate import PartialState
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
+from brushwork.pipeline import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
@@ -69,6 +70,7 @@ class RecipeConfig:
     checkpoint_every: int = 500
     sample_every: int = 500
     num_workers: int = 0
+    init_unet: str | None = None            # a model folder or shipped name whose unet/ the UNet starts from
     command: str = ""                       # for the model card
 
 
@@ -128,6 +130,9 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
             if list_checkpoints(work / stage):
                 raise BrushworkError(f"{work / stage} already holds a {stage} run: pass --resume to continue it, "
                                      "or choose a new folder.")
+    if config.init_unet is not None and not (resolve_model(config.init_unet) / "unet" / "config.json").is_file():
+        raise BrushworkError(f"--init {config.init_unet} has no unet/ folder: give a diffusion model folder "
+                             "(from `brushwork train`) or a shipped model name such as 'shapes'.")
     if "unet" in stages and "clip" not in stages:
         needed = ("text_encoder", "tokenizer") + (() if "vae" in stages else ("vae",))
         missing = [name for name in needed if not (out / name).is_dir()]
@@ -245,7 +250,7 @@ A text-to-image model trained from scratch with brushwork, in diffusers' StableD
 | stage | steps | batch | lr | final loss | train time | parameters | finished |
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
-{_reconstruction_line(facts)}"""
+{_reconstruction_line(facts)}{_init_line(facts)}"""
 
 
 def _command_lines(facts: dict) -> str:
@@ -256,6 +261,15 @@ def _command_lines(facts: dict) -> str:
 def _reconstruction_line(facts: dict) -> str:
     exact = facts["stages"].get("vae", {}).get("reconstructions_exact")
     return "" if exact is None else f"\nThe shapes checker passes {exact:.1%} of held-out VAE reconstructions.\n"
+
+
+def _init_line(facts: dict) -> str:
+    source = facts["stages"].get("unet", {}).get("initialized_from")
+    if not source:
+        return ""
+    earlier = f" after {source['steps']:,} steps" if source.get("steps") else ""
+    return (f"\nThe UNet was fine-tuned: it started from the UNet of `{source['model']}`{earlier}; the unet row "
+            "counts only the steps of this run.\n")
 
 
 def _image_processor(size: ModelSize) -> CLIPImageProcessor:
@@ -330,8 +344,12 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
     vae = AutoencoderKL.from_pretrained(p.out / "vae")
     c = p.config
     steps = p.steps["unet"]
+    unet, extra = build_unet(p.size), {}
+    if c.init_unet is not None:
+        unet = initial_unet(resolve_model(c.init_unet), text_encoder, vae)
+        extra["initialized_from"] = _init_facts(c.init_unet)
     # Caching every latent up front pays off when training sees each item at least once.
-    stage = UnetStage(p.data, build_unet(p.size), text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
+    stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
                       prediction_type=c.prediction_type, snr_gamma=c.snr_gamma, caption_dropout=c.caption_dropout,
                       cache_latents=steps * p.batch_size >= len(p.data))
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay))
@@ -341,9 +359,29 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
                                        feature_extractor=None, requires_safety_checker=False)
     if _main_process():
         pipeline.save_pretrained(p.out)
-    _record(p, "unet", started, result, {"unet": count_parameters(unet)})
+    _record(p, "unet", started, result, {"unet": count_parameters(unet)}, **extra)
     _barrier()
     return pipeline
+
+
+def initial_unet(model: Path, text_encoder: CLIPTextModel, vae: AutoencoderKL) -> UNet2DConditionModel:
+    """The UNet of `model`, in fp32, to fine-tune; BrushworkError if it cannot work with this text encoder and VAE."""
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=torch.float32)
+    wanted = {"cross_attention_dim": text_encoder.config.hidden_size, "in_channels": vae.config.latent_channels}
+    wrong = {k: (unet.config[k], v) for k, v in wanted.items() if unet.config[k] != v}
+    if wrong:
+        detail = ", ".join(f"{k} {a} where this model needs {b}" for k, (a, b) in wrong.items())
+        raise BrushworkError(f"the UNet in {model} does not fit this model's text encoder and VAE ({detail}).")
+    return unet
+
+
+def _init_facts(model: str) -> dict:
+    """Where a fine-tuned UNet started: the source as given (path or shipped name) and how long its UNet trained."""
+    facts_path = resolve_model(model) / "training.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    source_unet = facts.get("stages", {}).get("unet", {})
+    return {"model": str(model), "steps": source_unet.get("steps"),
+            "train_time_s": source_unet.get("train_time_s")}
 
 
 def train(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Path:
