@@ -8,6 +8,7 @@ the dtype they run in (fp32 on CPU), and the shipped model's eval numbers are me
 """
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ def half_safetensors(source: Path, target: Path) -> None:
     save_file({name: t.contiguous() for name, t in tensors.items()}, target, metadata={"format": "pt"})
 
 
+def write_config_without_local_paths(source: Path, target: Path) -> None:
+    """diffusers and transformers record where a model was loaded from; that path means nothing after install."""
+    config = json.loads(source.read_text())
+    config.pop("_name_or_path", None)
+    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def ship(source: Path, name: str, keep_clip: bool = True) -> Path:
     target = PACKAGE_MODELS / name
     staging = PACKAGE_MODELS / f".{name}.tmp"
@@ -37,6 +45,8 @@ def ship(source: Path, name: str, keep_clip: bool = True) -> Path:
         destination.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             half_safetensors(path, destination)
+        elif path.name == "config.json":
+            write_config_without_local_paths(path, destination)
         else:
             shutil.copy2(path, destination)
     shutil.rmtree(target, ignore_errors=True)
