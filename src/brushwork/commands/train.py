@@ -170,8 +170,8 @@ def gan(
                              "--model my-model --out my-gan")
     config = GanTrainConfig(
         data=data, text_model=model, out=out, size=size, steps=steps, batch_size=batch_size, n=n, lr=lr, loss=loss,
-        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, ema_decay=ema_decay or None, collapse_threshold=collapse_threshold,
-        collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,
+        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, ema_decay=ema_decay or None,
+        collapse_threshold=collapse_threshold, collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,
         mixed_precision=precision, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
         command=_command_line(ctx),
     )
