@@ -169,6 +169,19 @@ def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
         load_generator(out)
 
 
+def test_a_gan_folder_can_take_its_text_encoder_from_another_model(text_model, tmp_path):
+    folder, tokenizer, text_encoder = text_model
+    out = tmp_path / "gan"
+    save_generator(tiny_g(text_encoder), out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {"text_encoder_from": str(folder)}))
+    model = GanModel.from_pretrained(out)
+    assert torch.equal(model.text_encoder.get_input_embeddings().weight, text_encoder.get_input_embeddings().weight)
+    (out / "config.json").write_text(json.dumps(config | {"text_encoder_from": str(tmp_path)}))
+    with pytest.raises(BrushworkError, match="takes its text encoder from"):
+        GanModel.from_pretrained(out)
+
+
 # ---- training through the loop ------------------------------------------------------------------
 
 

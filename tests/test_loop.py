@@ -117,6 +117,16 @@ def test_finished_run_resumes_without_training(tmp_path):
     assert torch.equal(again.modules["net"][0].weight, first.modules["net"][0].weight)
 
 
+def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resume_goes_on(tmp_path):
+    # 0.05 s per step and a 0.1 s limit: past the limit by the first log step (5), far before step 40.
+    stopped = run(ToyStage(delay=0.05), make_config(tmp_path, 40, log_every=5, checkpoint_every=0,
+                                                     max_minutes=0.1 / 60))
+    assert stopped.step == 5 and stopped.checkpoint.name == "step-00000005"
+    assert [r["step"] for r in read_log(stopped.log_path)] == [5]
+    finished = run(ToyStage(), make_config(tmp_path, 40, log_every=5, checkpoint_every=0, resume=True))
+    assert finished.step == 40 and [r["step"] for r in read_log(finished.log_path)][-1] == 40
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     result = run(ToyStage(), make_config(tmp_path, 3, resume=True))
     assert result.step == 3 and [r["step"] for r in read_log(result.log_path)] == [1, 2, 3]
@@ -128,6 +138,7 @@ def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"mixed_precision": "fp16"}, "fp16"),
     ({"max_steps": 0}, "max_steps"),
+    ({"max_minutes": 0}, "max_minutes"),
 ])
 def test_bad_config(tmp_path, overrides, pattern):
     with pytest.raises(BrushworkError, match=pattern):

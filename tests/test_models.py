@@ -1,8 +1,14 @@
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import CLIPModel
 
 from brushwork.errors import BrushworkError
+from brushwork.models.clip import load_clip, vision_only_state
 from brushwork.models.sizes import SIZES, build_clip, build_unet, build_vae, count_parameters, get_size
+from brushwork.train.stages import text_encoder_from_clip
 
 
 def _counts(name: str) -> dict[str, int]:
@@ -21,6 +27,10 @@ def test_sizes_grow_and_tiny_is_tiny():
     assert 2e6 < counts["small"]["unet"] < 10e6   # trainable on a 2-core CPU in hours
     for part in counts["tiny"]:
         assert counts["tiny"][part] < counts["small"][part] < counts["base"][part]
+    # compact: small's VAE and vision tower, a thinner text tower and UNet (a second shipped model's bytes)
+    assert counts["compact"]["vae"] == counts["small"]["vae"]
+    assert counts["compact"]["clip_text"] < 0.7 * counts["small"]["clip_text"]
+    assert counts["compact"]["unet"] < 0.7 * counts["small"]["unet"]
 
 
 def test_tiny_models_fit_together():
@@ -44,5 +54,30 @@ def test_cross_attention_only_below_full_latent_resolution():
 
 
 def test_unknown_size_lists_the_known_ones():
-    with pytest.raises(BrushworkError, match="tiny, small, base"):
+    with pytest.raises(BrushworkError, match="tiny, compact, small, base"):
         get_size("huge")
+
+
+def test_clip_stored_without_its_text_tower_loads_back_whole(tmp_path):
+    torch.manual_seed(0)
+    clip = build_clip(get_size("tiny"), 600).eval()
+    clip.save_pretrained(tmp_path / "clip")
+    text_encoder_from_clip(clip).save_pretrained(tmp_path / "text_encoder")
+    assert all(key.startswith("text_model.") for key in
+               set(clip.state_dict()) - set(vision_only_state(tmp_path / "clip")))
+    shutil.copytree(tmp_path / "clip", tmp_path / "whole")
+    save_file(vision_only_state(tmp_path / "clip"), tmp_path / "clip" / "model.safetensors")
+
+    loaded = load_clip(tmp_path / "clip")
+    assert isinstance(loaded, CLIPModel)
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(load_clip(tmp_path / "whole").state_dict()["logit_scale"], clip.state_dict()["logit_scale"])
+
+    with pytest.raises(BrushworkError, match="differs"):   # only a text tower equal to text_encoder/ may go
+        other = build_clip(get_size("tiny"), 600)
+        text_encoder_from_clip(other).save_pretrained(tmp_path / "text_encoder")
+        vision_only_state(tmp_path / "whole")
+    shutil.rmtree(tmp_path / "text_encoder")
+    with pytest.raises(BrushworkError, match="only CLIP's vision tower"):
+        load_clip(tmp_path / "clip")

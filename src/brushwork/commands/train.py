@@ -21,7 +21,7 @@ console = Console()
 
 Data = Annotated[str | None, typer.Option("--data", "-d", help="'shapes', 'emoji', or a data set folder / .tar.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Model folder to write (diffusers layout).")]
-Size = Annotated[str, typer.Option(help="Model size: tiny (tests), small (CPU, hours), base (GPU).")]
+Size = Annotated[str, typer.Option(help="Model size: tiny (tests), compact (small with fewer layers), small (CPU, hours), base (GPU).")]
 StepsClip = Annotated[int | None, typer.Option("--steps-clip", help="CLIP steps (default: the size's).")]
 StepsVae = Annotated[int | None, typer.Option("--steps-vae", help="VAE steps (default: the size's).")]
 StepsUnet = Annotated[int | None, typer.Option("--steps-unet", help="UNet steps (default: the size's).")]
@@ -44,6 +44,7 @@ VocabSize = Annotated[int, typer.Option("--vocab-size", help="Upper bound of the
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
 SampleEvery = Annotated[int, typer.Option("--sample-every", help="Steps between sample grids; 0: never.")]
 Workers = Annotated[int, typer.Option("--workers", help="Data loader worker processes.")]
+MaxMinutes = Annotated[float | None, typer.Option("--max-minutes", help="Stop each stage after this many minutes of training, saved as if its steps were done; --resume goes on.")]
 
 
 def _command_line(ctx: typer.Context) -> str:
@@ -60,8 +61,8 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
          steps_clip: int | None, steps_vae: int | None, steps_unet: int | None, batch_size: int | None, n: int | None,
          resolution: int | None, work: Path | None, resume: bool, seed: int, precision: str, prediction: str,
          noise_schedule: str, snr_gamma: float, caption_dropout: float, ema_decay: float, vocab_size: int,
-         checkpoint_every: int, sample_every: int, workers: int, init_unet: str | None = None,
-         lr: float | None = None) -> None:
+         checkpoint_every: int, sample_every: int, workers: int, max_minutes: float | None,
+         init_unet: str | None = None, lr: float | None = None) -> None:
     if data is None or out is None:
         raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     config = RecipeConfig(
@@ -70,7 +71,7 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
         mixed_precision=precision, prediction_type=prediction, beta_schedule=noise_schedule,
         snr_gamma=snr_gamma or None, caption_dropout=caption_dropout, ema_decay=ema_decay or None,
         vocab_size=vocab_size, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
-        init_unet=init_unet, command=_command_line(ctx),
+        init_unet=init_unet, max_minutes=max_minutes, command=_command_line(ctx),
     )
     if lr is not None:
         if not lr > 0:
@@ -89,14 +90,14 @@ def recipe(
     precision: Precision = "auto", prediction: Prediction = "epsilon", noise_schedule: Schedule = "scaled_linear",
     snr_gamma: SnrGamma = 5.0, caption_dropout: CaptionDropout = 0.1, ema_decay: EmaDecay = 0.999,
     vocab_size: VocabSize = 4096, checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
-    workers: Workers = 0,
+    workers: Workers = 0, max_minutes: MaxMinutes = None,
 ) -> None:
     """Train the whole recipe: tokenizer, CLIP, VAE, UNet, into one diffusers pipeline folder."""
     if ctx.invoked_subcommand is not None:
         return
     _run(ctx, STAGES, data, out, size, steps_clip, steps_vae, steps_unet, batch_size, n, resolution, work, resume, seed,
          precision, prediction, noise_schedule, snr_gamma, caption_dropout, ema_decay, vocab_size,
-         checkpoint_every, sample_every, workers)
+         checkpoint_every, sample_every, workers, max_minutes)
 
 
 @app.command()
@@ -105,11 +106,12 @@ def clip(
     batch_size: BatchSize = None,
     n: Count = None, resolution: Resolution = None, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", vocab_size: VocabSize = 4096, checkpoint_every: CheckpointEvery = 500,
-    sample_every: SampleEvery = 500, workers: Workers = 0,
+    sample_every: SampleEvery = 500, workers: Workers = 0, max_minutes: MaxMinutes = None,
 ) -> None:
     """Train the tokenizer and CLIP: writes tokenizer/, text_encoder/ and clip/ into OUT."""
     _run(ctx, ("clip",), data, out, size, steps, None, None, batch_size, n, resolution, work, resume, seed, precision,
-         "epsilon", "scaled_linear", 5.0, 0.1, 0.999, vocab_size, checkpoint_every, sample_every, workers)
+         "epsilon", "scaled_linear", 5.0, 0.1, 0.999, vocab_size, checkpoint_every, sample_every, workers,
+         max_minutes)
 
 
 @app.command()
@@ -118,11 +120,11 @@ def vae(
     batch_size: BatchSize = None,
     n: Count = None, resolution: Resolution = None, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
-    workers: Workers = 0,
+    workers: Workers = 0, max_minutes: MaxMinutes = None,
 ) -> None:
     """Train the VAE and measure its latent scale: writes vae/ into OUT."""
     _run(ctx, ("vae",), data, out, size, None, steps, None, batch_size, n, resolution, work, resume, seed, precision,
-         "epsilon", "scaled_linear", 5.0, 0.1, 0.999, 4096, checkpoint_every, sample_every, workers)
+         "epsilon", "scaled_linear", 5.0, 0.1, 0.999, 4096, checkpoint_every, sample_every, workers, max_minutes)
 
 
 @app.command()
@@ -133,12 +135,12 @@ def unet(
     precision: Precision = "auto", prediction: Prediction = "epsilon", noise_schedule: Schedule = "scaled_linear",
     snr_gamma: SnrGamma = 5.0, caption_dropout: CaptionDropout = 0.1, ema_decay: EmaDecay = 0.999,
     checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500, workers: Workers = 0,
-    init: InitUnet = None, lr: UnetLr = None,
+    init: InitUnet = None, lr: UnetLr = None, max_minutes: MaxMinutes = None,
 ) -> None:
     """Train the UNet on OUT's text encoder and VAE: writes unet/, scheduler/ and model_index.json."""
     _run(ctx, ("unet",), data, out, size, None, None, steps, batch_size, n, resolution, work, resume, seed, precision,
          prediction, noise_schedule, snr_gamma, caption_dropout, ema_decay, 4096, checkpoint_every, sample_every,
-         workers, init_unet=init, lr=lr)
+         workers, max_minutes, init_unet=init, lr=lr)
 
 
 TextModel = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (or shipped name such as 'shapes') whose text_encoder/ and tokenizer/ condition the GAN.")]
@@ -162,7 +164,7 @@ def gan(
     collapse_threshold: CollapseThreshold = 0.05, collapse_patience: CollapsePatience = 5,
     collapse_after: CollapseAfter = 500, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
-    workers: Workers = 0,
+    workers: Workers = 0, max_minutes: MaxMinutes = None,
 ) -> None:
     """Train a one-step text-conditional GAN on MODEL's frozen text encoder: writes a GAN folder to OUT."""
     if data is None or model is None or out is None:
@@ -173,7 +175,7 @@ def gan(
         r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, ema_decay=ema_decay or None,
         collapse_threshold=collapse_threshold, collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,
         mixed_precision=precision, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
-        command=_command_line(ctx),
+        max_minutes=max_minutes, command=_command_line(ctx),
     )
     folder = train_gan(config)
     console.print(f"trained a GAN into {folder}")

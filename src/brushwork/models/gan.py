@@ -296,6 +296,29 @@ def load_generator(folder: Path) -> Generator:
     return generator_model.eval().requires_grad_(False)
 
 
+def text_encoder_folder(folder: Path) -> Path:
+    """The folder whose text_encoder/ and tokenizer/ condition the GAN in `folder`: the GAN folder itself, or
+    the model its config.json names as "text_encoder_from" (shipped GANs share the diffusion model's encoder
+    instead of carrying a second copy of the same weights)."""
+    if all((folder / part).is_dir() for part in ("tokenizer", "text_encoder")):
+        return folder
+    try:
+        source = json.loads((folder / "config.json").read_text()).get("text_encoder_from")
+    except (OSError, ValueError):
+        source = None
+    if source:
+        from brushwork.pipeline import resolve_model  # pipeline imports this module
+
+        text_folder = resolve_model(source)
+        if all((text_folder / part).is_dir() for part in ("tokenizer", "text_encoder")):
+            return text_folder
+        raise BrushworkError(f"GAN folder {folder} takes its text encoder from {source!r}, which has no "
+                             "text_encoder/ and tokenizer/.")
+    missing = [part for part in ("tokenizer", "text_encoder") if not (folder / part).is_dir()]
+    raise BrushworkError(f"GAN folder {folder} is missing its {', '.join(p + '/' for p in missing)}; train it again "
+                         "with `brushwork train gan`, which copies them from the text model.")
+
+
 class GanModel:
     """A saved GAN folder behind BrushworkPipeline, with DiffusionModel's interface. Steps, sampler, guidance
     and negative prompts do not apply to a one-step generator and are ignored."""
@@ -315,13 +338,10 @@ class GanModel:
     @classmethod
     def from_pretrained(cls, folder: Path) -> "GanModel":
         folder = Path(folder)
-        for part in ("tokenizer", "text_encoder"):
-            if not (folder / part).is_dir():
-                raise BrushworkError(f"GAN folder {folder} is missing its {part}/; train it again with "
-                                     "`brushwork train gan`, which copies it from the text model.")
+        text_folder = text_encoder_folder(folder)
         try:
-            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(text_folder / "tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(text_folder / "text_encoder")
         except Exception as error:  # transformers raises many kinds for bad files
             raise BrushworkError(f"could not load the text encoder or tokenizer of {folder}: {error}") from None
         return cls(tokenizer, text_encoder, load_generator(folder))

@@ -36,6 +36,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
+from brushwork.models.clip import load_clip
 from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
@@ -201,6 +202,7 @@ class GanStage(BaseStage):
             fake_logits = modules["d"](fake, sentence).float()
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
             if self.clip is not None:
+                self.clip.to(device)  # the frozen CLIP is no module of the loop's, so nothing else moves it
                 side = self.clip.config.vision_config.image_size
                 pixels = fake if fake.shape[-1] == side else F.interpolate(fake, size=(side, side), mode="bilinear")
                 image_embeds = self.clip.get_image_features(pixel_values=pixels)
@@ -304,6 +306,7 @@ class GanTrainConfig:
     sample_every: int = 500
     log_every: int = 10
     num_workers: int = 0
+    max_minutes: float | None = None  # stop after this much training (resume goes on)
     command: str = ""              # for the model card
 
 
@@ -359,7 +362,7 @@ def train_gan(config: GanTrainConfig) -> Path:
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
-    clip = CLIPModel.from_pretrained(text_model / "clip") if config.clip_weight > 0 else None
+    clip = load_clip(text_model / "clip") if config.clip_weight > 0 else None
     stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
                      r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
@@ -369,7 +372,7 @@ def train_gan(config: GanTrainConfig) -> Path:
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
         ema_decay=config.ema_decay, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
-        num_workers=config.num_workers))
+        num_workers=config.num_workers, max_minutes=config.max_minutes))
     if PartialState().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")
         save_generator(g, out)

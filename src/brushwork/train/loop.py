@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import is_bf16_available, send_to_device
+from accelerate.utils import broadcast, is_bf16_available, send_to_device
 from diffusers.optimization import get_scheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_model, save_model
@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False  # continue from the newest checkpoint in out_dir; none there: start at step 0
     num_workers: int = 0  # DataLoader worker processes per training process
+    max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
 
 
 class Stage(Protocol):
@@ -293,6 +294,8 @@ def _check_config(config: TrainConfig) -> None:
         problems.append("checkpoint_every, sample_every, warmup_steps and num_workers must be >= 0")
     if config.log_every < 1:
         problems.append(f"log_every must be >= 1 (got {config.log_every})")
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        problems.append(f"max_minutes must be a positive number of minutes (got {config.max_minutes})")
     if problems:
         raise BrushworkError("Invalid training config: " + "; ".join(problems) + ".")
 
@@ -567,7 +570,8 @@ class _Trainer:
                     if step == self.start_step + 1 and acc.num_processes > 1:
                         self._check_replicas_in_sync()
 
-                    save_now = step == config.max_steps or (
+                    time_up = step % config.log_every == 0 and self._time_up(run_start)
+                    save_now = time_up or step == config.max_steps or (
                         config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
                     if step % config.log_every == 0 or save_now:
                         self._flush_losses(step)
@@ -587,12 +591,27 @@ class _Trainer:
                         interval_start = time.perf_counter()  # images/s measures training, not saving
                     if config.sample_every and step % config.sample_every == 0 and acc.is_main_process:
                         self._save_sample(step)
+                    if time_up:
+                        if acc.is_main_process:
+                            progress.console.print(f"{self.stage.name}: stopped at step {step:,} of "
+                                                   f"{config.max_steps:,}: the {config.max_minutes:g}-minute "
+                                                   "limit is reached (resume to go on)")
+                        break
         finally:
             for name, wrapped in self.wrapped.items():  # undo accelerate's in-place forward patch
                 self.modules[name] = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
         ema = {name: e.module for name, e in self.ema.items()} if self.ema is not None else None
         return TrainResult(step=step, modules=self.modules, ema=ema, log_path=self.log_path,
                            checkpoint=self.last_checkpoint)
+
+    def _time_up(self, run_start: float) -> bool:
+        """Whether this run has trained for config.max_minutes; every process gets the main process's answer."""
+        if not self.config.max_minutes:
+            return False
+        up = time.perf_counter() - run_start >= self.config.max_minutes * 60
+        if self.accelerator.num_processes == 1:
+            return up
+        return bool(broadcast(torch.tensor([up], device=self.accelerator.device), from_process=0).item())
 
     def _train_step(self, step: int, micro_batches: list[Any]) -> torch.Tensor:
         """One optimizer step of every optimizer, in order; returns the mean loss per optimizer (on device)."""

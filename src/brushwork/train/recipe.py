@@ -71,6 +71,7 @@ class RecipeConfig:
     sample_every: int = 500
     num_workers: int = 0
     init_unet: str | None = None            # a model folder or shipped name whose unet/ the UNet starts from
+    max_minutes: float | None = None        # each stage stops after this much training (resume goes on)
     command: str = ""                       # for the model card
 
 
@@ -165,7 +166,7 @@ def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainC
                        weight_decay=c.weight_decay[stage], warmup_steps=min(500, steps // 20),
                        lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
                        checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
-                       resume=c.resume, num_workers=c.num_workers)
+                       resume=c.resume, num_workers=c.num_workers, max_minutes=c.max_minutes)
 
 
 def _main_process() -> bool:
@@ -239,7 +240,8 @@ def model_card(facts: dict) -> str:
     return f"""# brushwork model ({facts['size']})
 
 A text-to-image model trained from scratch with brushwork, in diffusers' StableDiffusionPipeline layout.
-`clip/` holds the full CLIP model (text and vision towers) used for evaluation.
+`clip/` holds the CLIP model used for evaluation (a shipped copy keeps only its vision tower: the text tower
+is `text_encoder/`).
 
 - Commands, in order:
 {_command_lines(facts)}
