@@ -3,6 +3,7 @@
 MODEL/ (what `brushwork train` writes; loads with diffusers.StableDiffusionPipeline.from_pretrained):
     model_index.json  unet/ (EMA weights)  vae/  text_encoder/  tokenizer/  scheduler/   diffusers-standard
     clip/        the full CLIPModel (text + vision towers), with a CLIPProcessor config, for evaluation
+                 (brushwork.models.clip.load_clip also reads a clip/ holding only the vision tower)
     README.md    model card; training.json holds the same facts as data
     runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage (or under --work)
 
