@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 import brushwork
 from brushwork.cli import app
+from brushwork.data.dataset import emoji_folder
 from brushwork.eval.checker import check, detect_objects
 from brushwork.pipeline import SHIPPED_MODELS_DIR, BrushworkPipeline, shipped_models
 from brushwork.pnginfo import read_parameters
@@ -23,8 +25,8 @@ def default_pipe():
     return BrushworkPipeline.from_pretrained()
 
 
-def test_shapes_diffusion_and_gan_are_installed():
-    assert {"shapes", "shapes-gan"} <= set(shipped_models())
+def test_shapes_diffusion_gan_and_emoji_are_installed():
+    assert {"shapes", "shapes-gan", "emoji"} <= set(shipped_models())
 
 
 def test_the_package_stays_under_60_mb():
@@ -38,13 +40,13 @@ def test_shipped_weights_are_safetensors_only():
     assert not list(SHIPPED_MODELS_DIR.rglob("runs"))   # no checkpoints, logs or samples
 
 
-@pytest.mark.parametrize("name", ["shapes", "shapes-gan"])
-def test_model_cards_say_how_the_model_was_trained(name):
+@pytest.mark.parametrize("name, data", [("shapes", "shapes"), ("shapes-gan", "shapes"), ("emoji", "emoji")])
+def test_model_cards_say_how_the_model_was_trained(name, data):
     folder = SHIPPED_MODELS_DIR / name
     facts = json.loads((folder / "training.json").read_text())
     card = (folder / "README.md").read_text()
     assert facts["commands"] and all(command in card for command in facts["commands"])
-    assert facts["data"] == "shapes"
+    assert facts["data"] == data
 
 
 def test_default_model_follows_single_object_prompts(default_pipe):
@@ -86,3 +88,17 @@ def test_generate_works_right_after_install_without_model(tmp_path):
     assert result.exit_code == 0, result.output
     params = read_parameters(out)
     assert params["model"] == "shapes" and params["steps"] == 20 and params["seed"] == 7
+
+
+def test_emoji_model_draws_the_emoji_it_is_named(tmp_path, monkeypatch):
+    # Recognisable means: each image is nearer in pixels to the OpenMoji of its own name than to the other
+    # three's (README: 13 of 16 names give their own emoji's nearest image among all 3,953).
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path))
+    names = ["grinning face", "rocket", "sun", "unicorn"]
+    images = BrushworkPipeline.from_pretrained("emoji")(names, seed=0).images
+    folder = emoji_folder(64)
+    files = {item["text"]: item["file_name"] for item in map(json.loads, (folder / "metadata.jsonl").open())}
+    originals = [np.asarray(Image.open(folder / files[name]).convert("RGB"), np.float32) for name in names]
+    for name, image in zip(names, images):
+        distances = [((np.asarray(image, np.float32) - original) ** 2).sum() for original in originals]
+        assert names[int(np.argmin(distances))] == name, (name, distances)

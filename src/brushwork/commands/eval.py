@@ -20,7 +20,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def evaluate(
-    model: Annotated[list[Path], typer.Option("--model", help="Model folder or shipped model name (shapes, shapes-gan); repeat to compare several side by side.")],
+    model: Annotated[list[Path], typer.Option("--model", help="Model folder or shipped model name (shapes, shapes-gan, emoji); repeat to compare several side by side.")],
     data: Annotated[str, typer.Option(help="shapes, emoji, or a folder of your own images with captions.")] = "shapes",
     n: Annotated[int, typer.Option(help="Prompts per task (shapes) or prompts drawn from the data set.")] = 64,
     per_prompt: Annotated[int, typer.Option(help="Images per prompt (2+ for intra-prompt diversity).")] = 2,

@@ -79,7 +79,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 turns it off [default: 5].")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun (or AUTOMATIC1111 names) [default: dpm++].")] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan) [default: shapes].")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji) [default: shapes].")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps [default: best available].")] = None,
     height: Annotated[Optional[int], typer.Option(help="Image height in pixels [default: the model's size].")] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width in pixels [default: the model's size].")] = None,

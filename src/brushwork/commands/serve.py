@@ -33,7 +33,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def serve(
-    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan) [default: shapes].")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji) [default: shapes].")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     api_key: Annotated[Optional[str], typer.Option(envvar="BRUSHWORK_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call.")] = None,

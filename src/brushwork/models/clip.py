@@ -47,6 +47,8 @@ def vision_only_state(clip_dir: Path) -> dict[str, torch.Tensor]:
     clip_dir = Path(clip_dir)
     state = load_file(clip_dir / WEIGHTS_NAME)
     text = {key[len(TEXT_PREFIX):]: value for key, value in state.items() if key.startswith(TEXT_PREFIX)}
+    if not text:
+        return state  # already without it
     encoder = load_file(clip_dir.parent / "text_encoder" / WEIGHTS_NAME)
     if text.keys() != encoder.keys() or any(not torch.equal(text[k].float(), encoder[k].float()) for k in text):
         raise BrushworkError(f"the text tower in {clip_dir} differs from {clip_dir.parent / 'text_encoder'}: "
