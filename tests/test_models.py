@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from brushwork.errors import BrushworkError
@@ -67,6 +67,7 @@ def test_clip_stored_without_its_text_tower_loads_back_whole(tmp_path):
                set(clip.state_dict()) - set(vision_only_state(tmp_path / "clip")))
     shutil.copytree(tmp_path / "clip", tmp_path / "whole")
     save_file(vision_only_state(tmp_path / "clip"), tmp_path / "clip" / "model.safetensors")
+    assert vision_only_state(tmp_path / "clip").keys() == load_file(tmp_path / "clip" / "model.safetensors").keys()
 
     loaded = load_clip(tmp_path / "clip")
     assert isinstance(loaded, CLIPModel)
