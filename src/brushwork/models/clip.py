@@ -7,6 +7,7 @@ stores clip/ without it (scripts/ship_model.py) and this loader puts the two hal
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
@@ -17,8 +18,6 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def has_text_tower(clip_dir: Path) -> bool:
-    from safetensors import safe_open
-
     with safe_open(str(Path(clip_dir) / WEIGHTS_NAME), "pt") as weights:
         return any(key.startswith(TEXT_PREFIX) for key in weights.keys())
 

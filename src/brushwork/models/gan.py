@@ -300,23 +300,24 @@ def text_encoder_folder(folder: Path) -> Path:
     """The folder whose text_encoder/ and tokenizer/ condition the GAN in `folder`: the GAN folder itself, or
     the model its config.json names as "text_encoder_from" (shipped GANs share the diffusion model's encoder
     instead of carrying a second copy of the same weights)."""
-    if all((folder / part).is_dir() for part in ("tokenizer", "text_encoder")):
+    parts = ("tokenizer", "text_encoder")
+    missing = [part for part in parts if not (folder / part).is_dir()]
+    if not missing:
         return folder
     try:
         source = json.loads((folder / "config.json").read_text()).get("text_encoder_from")
     except (OSError, ValueError):
         source = None
-    if source:
-        from brushwork.pipeline import resolve_model  # pipeline imports this module
+    if not source:
+        raise BrushworkError(f"GAN folder {folder} is missing its {', '.join(p + '/' for p in missing)}; train it "
+                             "again with `brushwork train gan`, which copies them from the text model.")
+    from brushwork.pipeline import resolve_model  # pipeline imports this module
 
-        text_folder = resolve_model(source)
-        if all((text_folder / part).is_dir() for part in ("tokenizer", "text_encoder")):
-            return text_folder
+    text_folder = resolve_model(source)
+    if not all((text_folder / part).is_dir() for part in parts):
         raise BrushworkError(f"GAN folder {folder} takes its text encoder from {source!r}, which has no "
                              "text_encoder/ and tokenizer/.")
-    missing = [part for part in ("tokenizer", "text_encoder") if not (folder / part).is_dir()]
-    raise BrushworkError(f"GAN folder {folder} is missing its {', '.join(p + '/' for p in missing)}; train it again "
-                         "with `brushwork train gan`, which copies them from the text model.")
+    return text_folder
 
 
 class GanModel:

@@ -202,7 +202,8 @@ class GanStage(BaseStage):
             fake_logits = modules["d"](fake, sentence).float()
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
             if self.clip is not None:
-                self.clip.to(device)  # the frozen CLIP is no module of the loop's, so nothing else moves it
+                if self.clip.device != device:  # the frozen CLIP is no module of the loop's: nothing else moves it
+                    self.clip.to(device)
                 side = self.clip.config.vision_config.image_size
                 pixels = fake if fake.shape[-1] == side else F.interpolate(fake, size=(side, side), mode="bilinear")
                 image_embeds = self.clip.get_image_features(pixel_values=pixels)
