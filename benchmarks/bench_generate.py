@@ -2,9 +2,9 @@
 
 Both pipelines run 20 steps with guidance 5 and the DPM++ 2M sampler on 64x64 images, at batch 1 and 4:
 diffusers as it comes (fp32 eager), brushwork's default (fp32 eager, the same images as diffusers) and
-brushwork with compile=True (torch.compile with frozen weights; bf16 on CPUs with native bf16).
+brushwork with compile=True (AOTInductor with frozen weights, cached on disk; bf16 on CPUs with native bf16).
 
-    python benchmarks/bench_generate.py [--model shapes] [--threads 2] [--repeats 3]
+    python benchmarks/bench_generate.py [--model shapes] [--threads 2] [--repeats 5]
 """
 
 import argparse
@@ -22,21 +22,25 @@ from brushwork.pipeline import BrushworkPipeline, resolve_model
 PROMPT = "a red circle above a blue square"
 
 
-def seconds_per_image(run, batch: int, repeats: int) -> float:
-    run(batch)  # warm-up (and, for the compiled pipeline, compilation for this batch size)
-    times = []
+def seconds_per_image(runs: dict, batch: int, repeats: int) -> dict[str, float]:
+    """The best of `repeats` rounds for each run; rounds interleave the runs, so a slow spell of a shared
+    machine hits them all alike."""
+    for run in runs.values():
+        run(batch)  # warm-up (and, for the compiled pipeline, compilation for this batch size)
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(batch)
-        times.append(time.perf_counter() - start)
-    return min(times) / batch
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) / batch for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="shapes", help="model folder or shipped model name")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,9 +65,9 @@ def main() -> None:
     print(f"{folder.name}: torch {torch.__version__}, {args.threads} threads, {args.steps} steps, 64x64, guidance 5; "
           f"compiled pipeline: {compiled.dtype}, first call {time.perf_counter() - started:.0f} s")
     for batch in (1, 4):
-        ref = seconds_per_image(run_reference, batch, args.repeats)
-        eager_s = seconds_per_image(run_brushwork(eager), batch, args.repeats)
-        compiled_s = seconds_per_image(run_brushwork(compiled), batch, args.repeats)
+        seconds = seconds_per_image({"diffusers": run_reference, "eager": run_brushwork(eager),
+                                     "compiled": run_brushwork(compiled)}, batch, args.repeats)
+        ref, eager_s, compiled_s = seconds["diffusers"], seconds["eager"], seconds["compiled"]
         print(f"batch {batch}: diffusers {ref:.3f} s/image | brushwork {eager_s:.3f} ({ref / eager_s:.2f}x) | "
               f"brushwork compiled {compiled_s:.3f} ({ref / compiled_s:.2f}x)")
 

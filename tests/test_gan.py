@@ -169,6 +169,27 @@ def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
         load_generator(out)
 
 
+@pytest.mark.slow
+def test_the_compiled_generator_matches_eager_with_one_package_for_every_prompt_length(text_model, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path / "cache"))
+    folder, _, text_encoder = text_model
+    out = tmp_path / "gan"
+    save_generator(tiny_g(text_encoder), out)
+    for part in ("tokenizer", "text_encoder"):
+        (out / part).symlink_to(folder / part)
+    eager = GanModel.from_pretrained(out).to(torch.device("cpu"), torch.float32)
+    compiled = GanModel.from_pretrained(out).to(torch.device("cpu"), torch.float32)
+    compiled.compile()
+    for prompts in (PROMPTS[:2], ["a big yellow circle above two small red squares"] * 2):
+        args = ([""] * 2, [torch.Generator().manual_seed(s) for s in (1, 2)], 1, 1.0, "dpm++", 32, 32)
+        a = eager.generate(None, prompts, *args)
+        args = ([""] * 2, [torch.Generator().manual_seed(s) for s in (1, 2)], 1, 1.0, "dpm++", 32, 32)
+        b = compiled.generate(None, prompts, *args)
+        assert ((a - b).abs() * 255).max() <= 1
+    assert len(list((tmp_path / "cache" / "compiled").glob("gan-generator-*.pt2"))) == 1
+
+
 def test_a_gan_folder_can_take_its_text_encoder_from_another_model(text_model, tmp_path):
     folder, tokenizer, text_encoder = text_model
     out = tmp_path / "gan"

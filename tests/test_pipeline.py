@@ -8,6 +8,7 @@ from sd_tiny import build_tiny_sd
 
 from brushwork import pipeline as pipeline_module
 from brushwork.errors import BrushworkError
+from brushwork.hardware import CompiledModule
 from brushwork.pipeline import SAMPLERS, BrushworkPipeline, GenerationCancelled, resolve_sampler
 
 SMALL = dict(num_inference_steps=4, height=32, width=32)
@@ -179,20 +180,28 @@ def test_bad_model_folders(tmp_path, model_dir):
 
 
 @pytest.mark.slow
-def test_compiled_pipeline_matches_eager(model_dir):
+def test_compiled_pipeline_matches_eager_and_reloads_without_compiling(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path))
     eager = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32)
     compiled = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32, compile=True)
-    assert compiled.model.unet is not eager.model.unet and hasattr(compiled.model.unet, "_orig_mod")
-    a = np.asarray(eager("a red circle", seed=3, **SMALL).images[0], dtype=np.int16)
-    b = np.asarray(compiled("a red circle", seed=3, **SMALL).images[0], dtype=np.int16)
+    assert isinstance(compiled.model.denoise, CompiledModule) and isinstance(compiled.model.decode, CompiledModule)
+    a = pixels(eager("a red circle", seed=3, **SMALL).images[0])
+    b = pixels(compiled("a red circle", seed=3, **SMALL).images[0])
     assert np.abs(a - b).max() <= 2
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "compiled").glob("*.pt2")) == ["unet", "vae"]
+
+    monkeypatch.setattr(CompiledModule, "_compile", lambda *args: pytest.fail("compiled again"))
+    reloaded = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32, compile=True)
+    assert np.array_equal(pixels(reloaded("a red circle", seed=3, **SMALL).images[0]), b)
 
 
-def test_compile_casts_the_cpu_unet_to_a_low_dtype(model_dir, monkeypatch):
-    # torch.compile itself is covered by the slow test above; here only what compile() does before it.
-    monkeypatch.setattr(pipeline_module, "compile_for_inference", lambda module: module)
+def test_compile_casts_the_cpu_unet_to_a_low_dtype_and_fuses_its_projections(model_dir, monkeypatch):
+    # Compilation itself is covered by the slow test above; here only what compile() does before it.
+    monkeypatch.setattr(pipeline_module, "CompiledModule", lambda module, name: module)
     pipe = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, compile=True)
     assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.float32
+    assert all(hasattr(module, "to_qkv") for name, module in pipe.model.unet.named_modules()
+               if name.endswith("attn1"))
     image = pipe("a red circle", seed=0, **SMALL).images[0]
     assert image.size == (32, 32)
     monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: False)

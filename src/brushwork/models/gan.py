@@ -18,6 +18,7 @@ tokenizer/, text_encoder/ (and clip/ when the source model had one).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from brushwork.errors import BrushworkError
-from brushwork.hardware import compile_for_inference
+from brushwork.hardware import CompiledModule
 
 GAN_KIND = "gan"
 WEIGHTS_NAME = "model.safetensors"
@@ -227,14 +228,19 @@ def noise_for_seeds(seeds_or_generators: list, z_dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_tensor(generator_model: Generator, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                    prompts: list[str], seeds_or_generators: list, device: torch.device) -> torch.Tensor:
-    """Images [B, 3, R, R] in [0, 1], float32 on the CPU."""
+                    prompts: list[str], seeds_or_generators: list, device: torch.device,
+                    compiled: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """Images [B, 3, R, R] in [0, 1], float32 on the CPU; `compiled`: the generator compiled, run instead."""
     if len(prompts) != len(seeds_or_generators):
         raise BrushworkError(f"got {len(seeds_or_generators)} seeds for {len(prompts)} prompts")
     sentence, words, mask = encode_text(text_encoder, tokenizer, prompts, device)
     dtype = next(generator_model.parameters()).dtype
     z = noise_for_seeds(seeds_or_generators, generator_model.config.z_dim).to(device, dtype)
-    images = generator_model(z, sentence.to(dtype), words.to(dtype), mask)
+    if compiled is not None:  # padded to the longest caption the tokenizer takes: one package for every prompt
+        pad = tokenizer.model_max_length - words.shape[1]
+        words = torch.cat([words, words.new_zeros(len(words), pad, words.shape[2])], dim=1)
+        mask = torch.cat([mask, mask.new_zeros(len(mask), pad)], dim=1)
+    images = (compiled or generator_model)(z, sentence.to(dtype), words.to(dtype), mask)
     return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
@@ -335,6 +341,7 @@ class GanModel:
         self.max_tokens = tokenizer.model_max_length
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.compiled_generator: CompiledModule | None = None
 
     @classmethod
     def from_pretrained(cls, folder: Path) -> "GanModel":
@@ -359,8 +366,8 @@ class GanModel:
         return len(self.tokenizer(prompt, truncation=False).input_ids)
 
     def compile(self) -> None:
-        """torch.compile the generator (fp32 on the CPU, like eager: its convolutions are small)."""
-        self.generator_model = compile_for_inference(self.generator_model)
+        """Compile the generator with AOTInductor (fp32 on the CPU, like eager: its convolutions are small)."""
+        self.compiled_generator = CompiledModule(self.generator_model, "gan-generator")
 
     def generate(self, pipe, prompts: list[str], negative_prompts: list[str], generators, num_inference_steps: int,
                  guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None
@@ -373,4 +380,4 @@ class GanModel:
             shared = generators if generators is not None else torch.Generator().manual_seed(0)
             generators = [shared] * len(prompts)
         return generate_tensor(self.generator_model, self.text_encoder, self.tokenizer, prompts, generators,
-                               self.device)
+                               self.device, self.compiled_generator)

@@ -1,0 +1,89 @@
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from brushwork.hardware import CompiledModule
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, images: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.conv(images).mean((2, 3))) * scale
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path))
+    return tmp_path / "compiled"
+
+
+def inputs(batch: int = 2):
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(batch)), torch.tensor(2.0)
+
+
+def refuse_to_compile(*args, **kwargs):
+    raise AssertionError("compiled again instead of loading the kept package")
+
+
+@torch.no_grad()
+def test_compiled_module_matches_eager_and_a_new_instance_loads_the_kept_package(tiny, cache, monkeypatch):
+    compiled = CompiledModule(tiny, "tiny")
+    torch.testing.assert_close(compiled(*inputs()), tiny(*inputs()))
+    packages = list(cache.glob("*.pt2"))
+    assert [p.name for p in packages] == [compiled.package_path(*inputs()).name]
+    assert packages[0].name.startswith("tiny-")
+    assert not list(cache.glob(".*")), "no staging file is left behind"
+
+    monkeypatch.setattr(CompiledModule, "_compile", refuse_to_compile)
+    again = CompiledModule(tiny, "tiny")  # as in a new process
+    torch.testing.assert_close(again(*inputs()), tiny(*inputs()))
+
+
+def test_the_package_depends_on_weights_inputs_and_threads(tiny, cache):
+    path = CompiledModule(tiny, "tiny").package_path(*inputs())
+    assert CompiledModule(copy.deepcopy(tiny), "tiny").package_path(*inputs()) == path
+    changed = copy.deepcopy(tiny)
+    with torch.no_grad():
+        changed.linear.bias += 1
+    assert CompiledModule(changed, "tiny").package_path(*inputs()) != path
+    assert CompiledModule(tiny, "tiny").package_path(*inputs(batch=3)) != path
+    assert CompiledModule(tiny, "tiny").package_path(inputs()[0].double(), inputs()[1]) != path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert CompiledModule(tiny, "tiny").package_path(*inputs()) != path
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_a_corrupt_package_is_compiled_again_and_an_unwritable_cache_still_compiles(tiny, cache, caplog,
+                                                                                      tmp_path, monkeypatch):
+    path = CompiledModule(tiny, "tiny").package_path(*inputs())
+    cache.mkdir(parents=True)
+    path.write_bytes(b"not a package")
+    with caplog.at_level(logging.WARNING, logger="brushwork.hardware"):
+        torch.testing.assert_close(CompiledModule(tiny, "tiny")(*inputs()), tiny(*inputs()))
+    assert "did not load" in caplog.text
+    assert path.stat().st_size > 1000  # replaced by a real package
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(blocked))
+    with caplog.at_level(logging.WARNING, logger="brushwork.hardware"):
+        torch.testing.assert_close(CompiledModule(tiny, "tiny")(*inputs()), tiny(*inputs()))
+    assert "cannot keep the compiled tiny" in caplog.text
