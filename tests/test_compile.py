@@ -5,7 +5,20 @@ import pytest
 import torch
 from torch import nn
 
+from brushwork.errors import BrushworkError
 from brushwork.hardware import CompiledModule
+
+
+def has_cpp_compiler() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return bool(get_cpp_compiler())
+    except Exception:  # inductor's InvalidCxxCompiler, or a broken toolchain
+        return False
+
+
+needs_cpp_compiler = pytest.mark.skipif(not has_cpp_compiler(), reason="compiling needs a C++ compiler (g++)")
 
 
 class Tiny(nn.Module):
@@ -38,6 +51,7 @@ def refuse_to_compile(*args, **kwargs):
     raise AssertionError("compiled again instead of loading the kept package")
 
 
+@needs_cpp_compiler
 @torch.no_grad()
 def test_compiled_module_matches_eager_and_a_new_instance_loads_the_kept_package(tiny, cache, monkeypatch):
     compiled = CompiledModule(tiny, "tiny")
@@ -69,7 +83,17 @@ def test_the_package_depends_on_weights_inputs_and_threads(tiny, cache):
         torch.set_num_threads(threads)
 
 
+def test_without_a_cpp_compiler_the_error_says_what_to_do(tiny, cache, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
+    with pytest.raises(BrushworkError, match="C\\+\\+ compiler"):
+        CompiledModule(tiny, "tiny")(*inputs())
+    assert not cache.exists() or not list(cache.iterdir())
+
+
 @pytest.mark.slow
+@needs_cpp_compiler
 @torch.no_grad()
 def test_a_corrupt_package_is_compiled_again_and_an_unwritable_cache_still_compiles(tiny, cache, caplog,
                                                                                       tmp_path, monkeypatch):

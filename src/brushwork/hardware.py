@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from brushwork.errors import BrushworkError
+
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +108,14 @@ class CompiledModule:
     def _compile(self, args: tuple, path: Path):
         log.warning("compiling %s for inputs %s, once: the result is kept in %s", self.name,
                     [tuple(a.shape) for a in args], path.parent)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            raise BrushworkError("compiling needs a C++ compiler (g++ or clang++, or $CXX), and none was found: "
+                                 "install one (e.g. apt install g++) or generate without --compile") from None
         staging = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
         configs = dict(INDUCTOR_CONFIGS)
         if all(a.device.type == "cpu" for a in args):
