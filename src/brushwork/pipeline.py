@@ -532,7 +532,7 @@ class BrushworkPipeline:
         on CPU (bf16 measured no faster there), which gives the same images as diffusers; bf16/fp16 on GPUs.
         threads: CPU threads while sampling. compile: compile the UNet and VAE decoder with AOTInductor (the
         first call of each batch size compiles for 2-3 minutes and keeps the result in the cache, from where
-        later processes load it in a second; sampling is then about 2.7x as fast on the CPU). With compile, dtype
+        later processes load it in a second; sampling is then 2.5-3x as fast on the CPU). With compile, dtype
         None means bf16 on CPUs with native bf16 (AVX512-BF16 or AMX), whose images differ from fp32's by a
         few levels out of 255."""
         path = resolve_model(path)
