@@ -49,6 +49,25 @@ def test_generate_numbered_files_and_info(model_dir, tmp_path):
     assert np.abs(pixels(second) - pixels(tmp_path / "out-0-1.png")).max() <= 2
 
 
+def test_compiled_generation_pads_a_short_last_batch_to_the_compiled_size(model_dir, tmp_path, monkeypatch):
+    from brushwork import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "CompiledModule", lambda module, name: module)  # compiling: slow tests
+    sizes = []
+    original = pipeline_module.BrushworkPipeline.__call__
+
+    def recording_call(self, prompt, **kwargs):
+        sizes.append(len(prompt))
+        return original(self, prompt, **kwargs)
+
+    monkeypatch.setattr(pipeline_module.BrushworkPipeline, "__call__", recording_call)
+    result = run("generate", "a red circle", "-n", "5", "--batch-size", "2", "--compile", "--seed", "3",
+                 "-o", f"{tmp_path}/", model=model_dir)
+    assert result.exit_code == 0, result.output
+    assert sizes == [2, 2, 2] and len(result.stdout.split()) == 5
+    assert read_parameters(tmp_path / "00004.png")["seed"] == 7
+
+
 def test_images_carry_the_watermark_unless_turned_off(model_dir, tmp_path):
     from brushwork.watermark import detect
 

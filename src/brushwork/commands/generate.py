@@ -148,17 +148,20 @@ def generate(
         task = progress.add_task("generate", total=len(jobs) * steps)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
+            # Compiled code fits one batch size: a short last batch takes copies (dropped after) rather than
+            # minutes of compiling for its size.
+            padded = batch + batch[-1:] * (batch_size - len(batch)) if compile and start > 0 else batch
 
             def advance(_pipe, _step, _timestep, _kwargs):
                 progress.advance(task, len(batch))
 
             try:
-                result = pipe(batch, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                result = pipe(padded, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                               seed=seed + start, height=height, width=width, sampler=sampler,
                               callback_on_step_end=advance)
             except GenerationCancelled:
                 break
-            for k, image in enumerate(result.images):
+            for k, image in enumerate(result.images[:len(batch)]):
                 image = image if no_watermark else embed(image)
                 written.append(save_png(image, paths[start + k], result.parameters(k)))
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
