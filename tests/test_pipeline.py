@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from sd_tiny import build_tiny_sd
 
 from brushwork import pipeline as pipeline_module
@@ -39,6 +40,7 @@ def test_same_images_as_diffusers(model_dir, pipe, sampler):
                        generator=torch.Generator().manual_seed(11), **SMALL).images[0]
     assert pixels(ours).std() > 5  # a real image, not a flat one
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
+    assert pipe.model.denoiser.cross_attentions  # with the text's keys and values made once per image
 
 
 def test_seeds_reproduce_and_batch_matches_singles(pipe):
@@ -177,6 +179,25 @@ def test_bad_model_folders(tmp_path, model_dir):
     shutil.rmtree(no_vae / "vae")
     with pytest.raises(BrushworkError, match="missing its vae"):
         BrushworkPipeline.from_pretrained(no_vae)
+
+
+def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffusers_processors(model_dir):
+    from brushwork.pipeline import Denoiser, TextKVAttnProcessor
+
+    unet = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32).model.unet
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        denoiser = Denoiser(unet)
+        assert {type(p) for p in unet.attn_processors.values()} == {TextKVAttnProcessor}
+        with_kv = denoiser(sample, torch.tensor(10.0), text, *denoiser.text_kv(text))
+        unet.set_attn_processor(AttnProcessor2_0())
+        reference = unet(sample, 10, encoder_hidden_states=text).sample
+        torch.testing.assert_close(with_kv, reference, rtol=1e-5, atol=1e-5)
+
+        next(m for m in unet.modules() if isinstance(m, Attention)).rescale_output_factor = 2.0
+        plain = Denoiser(unet)
+        assert plain.cross_attentions == [] and plain.text_kv(text) == []
+        assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
 
 
 @pytest.mark.slow

@@ -106,8 +106,8 @@ class CompiledModule:
                 return self._compile(args, Path(folder) / path.name)
 
     def _compile(self, args: tuple, path: Path):
-        log.warning("compiling %s for inputs %s, once: the result is kept in %s", self.name,
-                    [tuple(a.shape) for a in args], path.parent)
+        log.warning("compiling %s for a first input of shape %s, once: the result is kept in %s", self.name,
+                    tuple(args[0].shape), path.parent)
         from torch._inductor.cpp_builder import get_cpp_compiler
         from torch._inductor.exc import InvalidCxxCompiler
 

@@ -37,6 +37,11 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+)
 from diffusers.utils import logging as diffusers_logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -131,16 +136,81 @@ class GenerationOutput:
         }
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, heads * d] -> [B, heads, T, d]"""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+class TextKVAttnProcessor:
+    """Attention as diffusers' AttnProcessor2_0 computes it in SD UNets, except that cross-attention takes the
+    keys and values of the text ready-made (in `text_kv`, at `index`): the text is the same at every sampling
+    step, so they are projected once per image instead of once per step (8-13% of a compiled UNet call here).
+    Written by hand because diffusers has no processor that takes precomputed keys and values."""
+
+    def __init__(self, index: int | None):
+        self.index = index
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 text_kv: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError("TextKVAttnProcessor does not take attention masks")
+        if encoder_hidden_states is None:
+            if attn.fused_projections:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            key, value = _split_heads(key, attn.heads), _split_heads(value, attn.heads)
+        else:
+            query = attn.to_q(hidden_states)
+            key, value = text_kv[2 * self.index], text_kv[2 * self.index + 1]
+        query = _split_heads(query, attn.heads)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _plain_attention(attn: Attention) -> bool:
+    """Attention that TextKVAttnProcessor computes exactly as diffusers does (that of every SD 1.x/2.x UNet)."""
+    return (type(attn.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0, TextKVAttnProcessor)
+            and attn.spatial_norm is None and attn.group_norm is None and attn.norm_cross is None
+            and attn.norm_q is None and attn.norm_k is None and not attn.residual_connection
+            and attn.rescale_output_factor == 1.0)
+
+
 class Denoiser(torch.nn.Module):
-    """The UNet as one call of tensors, the form CompiledModule takes. The timestep comes as float32 (the UNet
-    makes it float anyway), so integer- and float-timestep samplers share one compiled UNet."""
+    """The UNet as one call of tensors, the form CompiledModule takes: (latents, timestep, text, *text_kv).
+    The timestep comes as float32 (the UNet makes it float anyway), so integer- and float-timestep samplers
+    share one compiled UNet. `text_kv(text)` makes the cross-attention keys and values once per image; a UNet
+    with attention TextKVAttnProcessor does not cover gets none and projects the text at every step."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
+        attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+        self.cross_attentions = [a for a in attentions if a.is_cross_attention]
+        if not all(_plain_attention(a) for a in attentions):
+            self.cross_attentions = []
+            return
+        for attn in attentions:
+            index = self.cross_attentions.index(attn) if attn.is_cross_attention else None
+            attn.set_processor(TextKVAttnProcessor(index))
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+    def text_kv(self, text: torch.Tensor) -> list[torch.Tensor]:
+        keys_values = []
+        for attn in self.cross_attentions:
+            if attn.fused_projections:
+                key, value = attn.to_kv(text).chunk(2, dim=-1)
+            else:
+                key, value = attn.to_k(text), attn.to_v(text)
+            keys_values += [_split_heads(key, attn.heads).contiguous(), _split_heads(value, attn.heads).contiguous()]
+        return keys_values
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                *text_kv: torch.Tensor) -> torch.Tensor:
+        kwargs = {"text_kv": text_kv} if text_kv else None
+        return self.unet(sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs,
+                         return_dict=False)[0]
 
 
 class LatentDecoder(torch.nn.Module):
@@ -172,7 +242,8 @@ class DiffusionModel:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self._embedding_cache: dict[str, torch.Tensor] = {}
-        self.denoise: Callable[..., torch.Tensor] = Denoiser(self.unet)
+        self.denoiser = Denoiser(self.unet)
+        self.denoise: Callable[..., torch.Tensor] = self.denoiser
         self.decode: Callable[[torch.Tensor], torch.Tensor] = LatentDecoder(self.vae)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "DiffusionModel":
@@ -208,7 +279,8 @@ class DiffusionModel:
             self.unet.to(self.dtype)
             diffusers_logging.set_verbosity(verbosity)
         self.unet.fuse_qkv_projections()  # one matmul for q, k and v: 5% off a compiled call, the same output
-        self.denoise = CompiledModule(Denoiser(self.unet), "unet")
+        self.denoiser = Denoiser(self.unet)  # fusing set diffusers' processors: take ours back
+        self.denoise = CompiledModule(self.denoiser, "unet")
         self.decode = CompiledModule(LatentDecoder(self.vae), "vae-decoder")
 
     def token_count(self, prompt: str) -> int:
@@ -248,10 +320,11 @@ class DiffusionModel:
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = {"generator": generators} if "generator" in _step_parameters(scheduler) else {}
         with self._autocast():
+            text_kv = self.denoiser.text_kv(text)
             for i, t in enumerate(scheduler.timesteps):
                 model_input = torch.cat([latents, latents]) if use_guidance else latents
                 model_input = scheduler.scale_model_input(model_input, t).to(unet_dtype)
-                noise = self.denoise(model_input, t.float(), text).float()
+                noise = self.denoise(model_input, t.float(), text, *text_kv).float()
                 if use_guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
