@@ -83,13 +83,23 @@ def test_the_package_depends_on_weights_inputs_and_threads(tiny, cache):
         torch.set_num_threads(threads)
 
 
-def test_without_a_cpp_compiler_the_error_says_what_to_do(tiny, cache, monkeypatch):
+def test_without_a_cpp_compiler_the_error_says_what_to_do(tiny, cache):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
-    with pytest.raises(BrushworkError, match="C\\+\\+ compiler"):
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}), pytest.raises(BrushworkError,
+                                                                                   match="C\\+\\+ compiler"):
         CompiledModule(tiny, "tiny")(*inputs())
     assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_a_module_export_cannot_trace_is_a_clear_error(cache):
+    class DataDependent(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x  # a branch on values: export cannot trace it
+
+    with pytest.raises(BrushworkError, match="compiling branchy for cpu failed .*without --compile"):
+        CompiledModule(DataDependent(), "branchy")(torch.ones(2))
+    assert not list(cache.glob("*.pt2")) and not list(cache.glob(".*"))
 
 
 @pytest.mark.slow

@@ -127,6 +127,13 @@ class CompiledModule:
                 torch._inductor.aoti_compile_and_package(program, package_path=str(staging),
                                                          inductor_configs=configs)
             os.replace(staging, path)  # whole packages only: readers never see a partial one
+        except OSError:
+            raise
+        except Exception as error:  # export and inductor raise many kinds (e.g. on a device they do not cover)
+            device = args[0].device
+            raise BrushworkError(f"compiling {self.name} for {device} failed ({type(error).__name__}: "
+                                 f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+                                 "generate without --compile") from error
         finally:
             staging.unlink(missing_ok=True)
         return torch._inductor.aoti_load_package(str(path))
