@@ -190,6 +190,8 @@ def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffuser
         denoiser = Denoiser(unet)
         assert {type(p) for p in unet.attn_processors.values()} == {TextKVAttnProcessor}
         with_kv = denoiser(sample, torch.tensor(10.0), text, *denoiser.text_kv(text))
+        called_directly = unet(sample, 10, encoder_hidden_states=text).sample  # projects the text itself
+        torch.testing.assert_close(called_directly, with_kv)
         unet.set_attn_processor(AttnProcessor2_0())
         reference = unet(sample, 10, encoder_hidden_states=text).sample
         torch.testing.assert_close(with_kv, reference, rtol=1e-5, atol=1e-5)

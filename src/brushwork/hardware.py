@@ -40,6 +40,10 @@ CPU_INDUCTOR_CONFIGS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP
                         "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
 
 
+def _signature(args: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((a.shape, a.dtype, a.device) for a in args)
+
+
 class CompiledModule:
     """`module` compiled ahead of time by AOTInductor, once per input signature (shapes, dtypes, device), and
     kept as a package in the cache (~/.cache/brushwork/compiled, or $BRUSHWORK_CACHE/compiled).
@@ -56,7 +60,7 @@ class CompiledModule:
         self._runners: dict[tuple, object] = {}
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        signature = tuple((tuple(a.shape), str(a.dtype), str(a.device)) for a in args)
+        signature = _signature(args)
         runner = self._runners.get(signature)
         if runner is None:
             runner = self._runners[signature] = self._load_or_compile(args, self.package_path(*args))
@@ -66,8 +70,7 @@ class CompiledModule:
         """Where the package compiled for these inputs is kept."""
         from brushwork.data.dataset import cache_root
 
-        signature = tuple((tuple(a.shape), str(a.dtype), str(a.device)) for a in args)
-        return cache_root() / "compiled" / f"{self.name}-{self._digest(signature)}.pt2"
+        return cache_root() / "compiled" / f"{self.name}-{self._digest(_signature(args))}.pt2"
 
     def _digest(self, signature: tuple) -> str:
         """Everything the compiled code depends on: weights, module structure, input signature, library
@@ -78,9 +81,8 @@ class CompiledModule:
         from brushwork import __version__
 
         digest = hashlib.sha256()
-        device = {str(a[2]) for a in signature}
         machine = [platform.machine(), f"threads={torch.get_num_threads()}", *sorted(cpu_flags())]
-        if any(d.startswith("cuda") for d in device):
+        if any(device.type == "cuda" for _, _, device in signature):
             machine.append(torch.cuda.get_device_name())
         for part in (torch.__version__, diffusers.__version__, transformers.__version__, __version__,
                      repr(signature), repr(self.module), repr(INDUCTOR_CONFIGS | CPU_INDUCTOR_CONFIGS),

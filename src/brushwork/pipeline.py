@@ -141,6 +141,15 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
+def _project_text(attn: Attention, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of cross-attention `attn` for `text`, split into heads."""
+    if attn.fused_projections:
+        key, value = attn.to_kv(text).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(text), attn.to_v(text)
+    return _split_heads(key, attn.heads), _split_heads(value, attn.heads)
+
+
 class TextKVAttnProcessor:
     """Attention as diffusers' AttnProcessor2_0 computes it in SD UNets, except that cross-attention takes the
     keys and values of the text ready-made (in `text_kv`, at `index`): the text is the same at every sampling
@@ -161,9 +170,12 @@ class TextKVAttnProcessor:
             else:
                 query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
             key, value = _split_heads(key, attn.heads), _split_heads(value, attn.heads)
-        else:
+        elif text_kv:
             query = attn.to_q(hidden_states)
             key, value = text_kv[2 * self.index], text_kv[2 * self.index + 1]
+        else:  # the UNet called directly, without Denoiser
+            query = attn.to_q(hidden_states)
+            key, value = _project_text(attn, encoder_hidden_states)
         query = _split_heads(query, attn.heads)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
@@ -197,14 +209,8 @@ class Denoiser(torch.nn.Module):
             attn.set_processor(TextKVAttnProcessor(index))
 
     def text_kv(self, text: torch.Tensor) -> list[torch.Tensor]:
-        keys_values = []
-        for attn in self.cross_attentions:
-            if attn.fused_projections:
-                key, value = attn.to_kv(text).chunk(2, dim=-1)
-            else:
-                key, value = attn.to_k(text), attn.to_v(text)
-            keys_values += [_split_heads(key, attn.heads).contiguous(), _split_heads(value, attn.heads).contiguous()]
-        return keys_values
+        # contiguous: compiled code is fixed to its inputs' strides
+        return [tensor.contiguous() for attn in self.cross_attentions for tensor in _project_text(attn, text)]
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 *text_kv: torch.Tensor) -> torch.Tensor:
