@@ -12,13 +12,14 @@ from transformers import CLIPTextModel
 from brushwork.data.captions import all_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
-from brushwork.models.gan import (GanModel, build_discriminator, build_generator, gan_generate, is_gan_folder,
-                                  load_generator, save_generator)
+from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, build_generator, gan_generate,
+                                  is_gan_folder, load_generator, save_generator)
 from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.gan import (GanStage, GanTrainConfig, clip_loss, discriminator_loss, generator_loss,
-                                 mismatched_order, pairwise_distance, r1_penalty, train_gan)
+                                 kl_to_standard_normal, mismatched_order, pairwise_distance, r1_penalty, train_gan,
+                                 unconditional_loss)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
 
@@ -87,6 +88,22 @@ def test_matching_aware_term_counts_mismatched_pairs_as_fake():
     # Hinge on mismatched: relu(1 + m) = 2, 2, 0 over the valid pairs -> mean 4/3, weight 1/2.
     assert discriminator_loss(real, fake, mismatched, valid, "hinge").item() == pytest.approx(0.5 * 4 / 3)
     assert discriminator_loss(real, fake, torch.full((4,), -1.0), valid, "hinge").item() == 0
+
+
+def test_unconditional_terms_weigh_real_and_fake_alike():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    # hinge: relu(1 - real) = 0, 1 -> 0.5; relu(1 + fake) = 0, 1.5 -> 0.75
+    assert unconditional_loss(real, fake, "hinge").item() == pytest.approx(0.5 + 0.75)
+    zeros = torch.zeros(3)
+    assert unconditional_loss(zeros, zeros, "nonsaturating").item() == pytest.approx(2 * math.log(2))
+
+
+def test_kl_to_standard_normal_by_hand():
+    zeros = torch.zeros(2, 3)
+    assert kl_to_standard_normal(zeros, zeros).item() == 0
+    # per dimension 0.5 * (mean² + e^logvar - 1 - logvar): mean 1 -> 0.5; logvar 1 -> 0.5 * (e - 2)
+    assert kl_to_standard_normal(torch.ones(2, 3), zeros).item() == pytest.approx(1.5)
+    assert kl_to_standard_normal(zeros, torch.ones(2, 3)).item() == pytest.approx(1.5 * (math.e - 2))
 
 
 def test_mismatched_order_never_pairs_a_caption_with_itself():
@@ -227,6 +244,43 @@ def test_resume_is_exact(text_model, data, tmp_path):
         assert math.isfinite(record[key]), key
 
 
+def test_caption_withheld_terms_train_and_are_logged(text_model, data, tmp_path):
+    stage = make_stage(text_model, data, uncond_weight=1.0)
+    assert stage.fingerprint()["uncond_weight"] == 1.0
+    assert "uncond_weight" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
+    result = run(stage, _config(tmp_path / "run", 2))
+    record = json.loads(result.log_path.read_text().splitlines()[-1])
+    assert 0.0 <= record["d/uncond_accuracy"] <= 1.0 and math.isfinite(record["loss/g"])
+    # G's loss counts D's verdict without the caption: with D's weights fixed, it differs from G's loss without it.
+    batch = stage.collate([data[i] for i in range(4)])
+    modules = {"g": stage.generator, "d": stage.discriminator}
+    with_term, _ = stage.loss("g", modules, batch, torch.Generator().manual_seed(0))
+    stage.uncond_weight = 0.0
+    without, _ = stage.loss("g", modules, batch, torch.Generator().manual_seed(0))
+    assert not torch.isclose(with_term, without)
+
+
+def test_reconstruction_trains_an_encoder_that_the_saved_gan_leaves_out(text_model, data, tmp_path):
+    _, _, text_encoder = text_model
+    encoder = build_encoder("tiny", build_generator("tiny", text_encoder.config.hidden_size).config.z_dim)
+    stage = make_stage(text_model, data, encoder=encoder, recon_weight=10.0)
+    assert stage.optimizers() == {"d": ["d"], "g": ["g", "e"]}
+    assert stage.fingerprint()["recon_weight"] == 10.0
+    batch = stage.collate([data[i] for i in range(4)])
+    loss, metrics = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    # E learns through G's rebuilding of the real images (and the KL term)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
+    assert metrics["reconstruction"] > 0 and metrics["kl"] >= 0
+    e_before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    result = run(stage, _config(tmp_path / "run", 2))
+    assert (result.checkpoint / "e.safetensors").is_file()
+    assert any(not torch.equal(e_before[k], v) for k, v in result.modules["e"].state_dict().items())
+    record = json.loads(result.log_path.read_text().splitlines()[-1])
+    assert math.isfinite(record["g/reconstruction"]) and math.isfinite(record["g/kl"])
+    assert "recon_weight" not in make_stage(text_model, data).fingerprint()
+
+
 def test_collapse_stops_training_with_a_clear_error(text_model, data, tmp_path):
     stage = make_stage(text_model, data, collapse_threshold=10.0, collapse_patience=2, collapse_after=0,
                        log_every=1, run_dir=tmp_path / "run")
@@ -257,6 +311,34 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
         train_gan(GanTrainConfig(data="shapes", text_model=tmp_path, out=tmp_path / "other", size="tiny"))
     with pytest.raises(BrushworkError, match="unknown GAN size"):
         train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "other", size="huge"))
+
+
+def test_init_starts_from_another_runs_weights_and_records_where(text_model, tmp_path):
+    folder, _, _ = text_model
+    settings = dict(data="shapes", text_model=folder, size="tiny", n=16, batch_size=4, mixed_precision="no",
+                    collapse_threshold=0.0, checkpoint_every=2, sample_every=0)
+    first = train_gan(GanTrainConfig(out=tmp_path / "first", steps=2, command="brushwork train gan first",
+                                     **settings))
+    source = first / "runs" / "gan" / "checkpoints" / "step-00000002"
+    # lr 0: the weights stay where --init put them, so the saved G must be the source's EMA G exactly.
+    second = train_gan(GanTrainConfig(out=tmp_path / "second", steps=1, lr=0.0, init=first,
+                                      command="brushwork train gan second", **settings))
+    expected = load_file(source / "ema-g.safetensors")
+    saved = load_file(second / "model.safetensors")
+    assert all(torch.equal(expected[k], saved[k]) for k in expected)
+    d_start = load_file(second / "runs" / "gan" / "checkpoints" / "step-00000001" / "d.safetensors")
+    d_source = load_file(source / "d.safetensors")
+    assert all(torch.equal(d_source[k], d_start[k]) for k in d_source)
+    facts = json.loads((second / "training.json").read_text())
+    assert facts["initialized_from"]["checkpoint"] == str(source) and facts["initialized_from"]["steps"] == 2
+    assert facts["commands"] == ["brushwork train gan first", "brushwork train gan second"]
+    assert f"after 2 steps of {source}" in (second / "README.md").read_text()
+
+    with pytest.raises(BrushworkError, match="no GAN checkpoint"):
+        train_gan(GanTrainConfig(out=tmp_path / "third", steps=1, init=tmp_path / "nowhere", **settings))
+    small = dict(settings, size="small")
+    with pytest.raises(BrushworkError, match="does not fit a GAN of this size"):
+        train_gan(GanTrainConfig(out=tmp_path / "third", steps=1, init=source, **small))
 
 
 def test_train_gan_takes_a_shipped_models_text_encoder_by_name(tmp_path, monkeypatch):

@@ -153,6 +153,10 @@ R1Every = Annotated[int, typer.Option("--r1-every", help="Compute R1 on 1 in thi
 ClipWeight = Annotated[float, typer.Option("--clip-weight", help="Weight of a CLIP image-text similarity term in G's loss (GALIP); uses MODEL's clip/. 0 turns it off.")]
 CollapseThreshold = Annotated[float, typer.Option("--collapse-threshold", help="Stop when G's sample diversity (1.0 = as varied as real images) stays below this; 0 turns the watch off.")]
 CollapsePatience = Annotated[int, typer.Option("--collapse-patience", help="Consecutive log intervals below the threshold before stopping.")]
+UncondWeight = Annotated[float, typer.Option("--uncond-weight", help="Weight of D's and G's real/fake terms with the caption withheld (StackGAN++/AttnGAN's joint loss): D must learn what real images look like, not only whether they match their captions. 0 turns them off.")]
+ReconWeight = Annotated[float, typer.Option("--recon-weight", help="Weight of G's L1 rebuilding of real images from an encoder's z (BicycleGAN's cVAE-GAN): a direct pixel signal that teaches crisp objects and places them by z. 0: no encoder.")]
+KlWeight = Annotated[float, typer.Option("--kl-weight", help="Weight of the KL term keeping the encoder's z near N(0, I) (with --recon-weight).")]
+GanInit = Annotated[Path | None, typer.Option("--init", help="Start G (its EMA weights) and D from this GAN run: a GAN folder, its runs/gan/ or one checkpoint folder (fine-tuning with new settings; --resume continues a run unchanged).")]
 CollapseAfter = Annotated[int, typer.Option("--collapse-after", help="Steps before the collapse watch starts.")]
 
 
@@ -160,11 +164,12 @@ CollapseAfter = Annotated[int, typer.Option("--collapse-after", help="Steps befo
 def gan(
     ctx: typer.Context, data: Data = None, model: TextModel = None, out: Out = None, size: GanSize = "small",
     steps: GanSteps = None, batch_size: BatchSize = None, n: Count = None, lr: GanLr = 2e-4, loss: GanLoss = "hinge",
-    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, clip_weight: ClipWeight = 0.0, ema_decay: EmaDecay = 0.999,
+    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, clip_weight: ClipWeight = 0.0, uncond_weight: UncondWeight = 0.0,
+    recon_weight: ReconWeight = 0.0, kl_weight: KlWeight = 0.01, ema_decay: EmaDecay = 0.999,
     collapse_threshold: CollapseThreshold = 0.05, collapse_patience: CollapsePatience = 5,
     collapse_after: CollapseAfter = 500, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
-    workers: Workers = 0, max_minutes: MaxMinutes = None,
+    workers: Workers = 0, max_minutes: MaxMinutes = None, init: GanInit = None,
 ) -> None:
     """Train a one-step text-conditional GAN on MODEL's frozen text encoder: writes a GAN folder to OUT."""
     if data is None or model is None or out is None:
@@ -172,10 +177,11 @@ def gan(
                              "--model my-model --out my-gan")
     config = GanTrainConfig(
         data=data, text_model=model, out=out, size=size, steps=steps, batch_size=batch_size, n=n, lr=lr, loss=loss,
-        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, ema_decay=ema_decay or None,
+        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, uncond_weight=uncond_weight,
+        recon_weight=recon_weight, kl_weight=kl_weight, ema_decay=ema_decay or None,
         collapse_threshold=collapse_threshold, collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,
         mixed_precision=precision, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
-        max_minutes=max_minutes, command=_command_line(ctx),
+        max_minutes=max_minutes, init=init, command=_command_line(ctx),
     )
     folder = train_gan(config)
     console.print(f"trained a GAN into {folder}")

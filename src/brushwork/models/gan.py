@@ -192,6 +192,31 @@ class Discriminator(nn.Module):
         return self.out(joint.flatten(1)).squeeze(1) + projection
 
 
+class Encoder(nn.Module):
+    """E(image) -> (mean, log variance) of the z that G would make it from (BicycleGAN's cVAE-GAN encoder).
+    Used in training only: G learns to rebuild real images from their encodings, which teaches it to draw
+    crisp objects and to place them by z; the saved GAN holds G alone."""
+
+    def __init__(self, channels: tuple[int, ...], z_dim: int):
+        super().__init__()
+        self.from_rgb = nn.Conv2d(3, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList(DiscriminatorBlock(channels[i], channels[i + 1]) for i in range(len(channels) - 1))
+        for block in self.blocks:  # an encoder has no reason to start as a near-linear map
+            nn.init.ones_(block.gamma)
+        self.out = nn.Linear(channels[-1] * 16, 2 * z_dim)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.from_rgb(images)
+        for block in self.blocks:
+            h = block(h)
+        mean, log_variance = self.out(F.leaky_relu(h, 0.2).flatten(1)).chunk(2, dim=1)
+        return mean, log_variance.clamp(-10, 10)
+
+
+def build_encoder(size: str, z_dim: int) -> Encoder:
+    return Encoder(gan_size(size)["d"]["channels"], z_dim)
+
+
 def build_generator(size: str, text_dim: int) -> Generator:
     return Generator(GeneratorConfig(text_dim=text_dim, **gan_size(size)["g"]))
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import PartialState
 from PIL import Image
+from safetensors.torch import load_model
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -37,8 +38,8 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
-from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
-                                  gan_size, save_generator)
+from brushwork.models.gan import (Discriminator, Encoder, Generator, build_discriminator, build_encoder,
+                                  build_generator, gan_generate, gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
@@ -67,6 +68,18 @@ def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch
     else:
         real_term, fake_term, mismatch_term = F.softplus(-real), F.softplus(fake), F.softplus(mismatched)
     return real_term.mean() + 0.5 * (fake_term.mean() + _masked_mean(mismatch_term, mismatch_valid))
+
+
+def unconditional_loss(real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """D's loss from logits given with the caption withheld: real images real, G's images fake, equal weights."""
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_variance)) || N(0, I)), summed over z's dimensions, averaged over the batch."""
+    return 0.5 * (mean.float().pow(2) + log_variance.float().exp() - 1 - log_variance.float()).sum(dim=1).mean()
 
 
 def generator_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -113,7 +126,8 @@ class GanStage(BaseStage):
                  text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, loss: str = "hinge", r1_gamma: float = 1.0,
                  r1_every: int = 4, collapse_threshold: float = 0.05, collapse_patience: int = 5,
                  collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
-                 clip: CLIPModel | None = None, clip_weight: float = 0.0):
+                 clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
+                 encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -134,16 +148,25 @@ class GanStage(BaseStage):
         # the caption's. The vision tower takes pixels in [-1, 1], as G makes them.
         self.clip = clip.requires_grad_(False).eval() if clip is not None and clip_weight > 0 else None
         self.clip_weight = clip_weight if self.clip is not None else 0.0
+        # StackGAN++/AttnGAN's joint loss: D also judges real vs fake with the caption withheld (a zero sentence),
+        # so that it learns what real images look like and not only whether they match their captions.
+        self.uncond_weight = uncond_weight
+        # BicycleGAN's cVAE-GAN: with an encoder E, G also rebuilds each real image from z ~ E(image) (L1, weight
+        # recon_weight) while E's z is kept near N(0, I) (KL, weight kl_weight), so that z ~ N(0, I) means a place
+        # and a pose, and G learns crisp objects from a direct pixel signal instead of from D alone.
+        self.encoder = encoder if encoder is not None and recon_weight > 0 else None
+        self.recon_weight = recon_weight if self.encoder is not None else 0.0
+        self.kl_weight = kl_weight
         self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._diversity: list[torch.Tensor] = []
         self._low_intervals = 0
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"d": self.discriminator, "g": self.generator}
+        return {"d": self.discriminator, "g": self.generator} | ({"e": self.encoder} if self.encoder else {})
 
     def optimizers(self) -> dict[str, list[str]]:
-        return {"d": ["d"], "g": ["g"]}
+        return {"d": ["d"], "g": ["g", "e"] if self.encoder else ["g"]}
 
     def optimizer_options(self) -> dict[str, dict]:
         # GANs train with little or no first-moment momentum (StyleGAN2's and DF-GAN's betas).
@@ -197,10 +220,30 @@ class GanStage(BaseStage):
         device, n = images.device, len(texts)
         sentence, words, mask = self.text_features(texts, device)
         z = torch.randn(n, self.generator.config.z_dim, generator=generator, device=generator.device).to(device)
+        null = torch.zeros_like(sentence)
         if optimizer == "g":
-            fake = modules["g"](z, sentence, words, mask)
-            fake_logits = modules["d"](fake, sentence).float()
+            if self.encoder is not None:  # one G call on [z ~ N(0, I) | z ~ E(real image)]
+                mean, log_variance = modules["e"](images)
+                eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(device)
+                encoded = mean + eps * (0.5 * log_variance).exp()
+                both = modules["g"](torch.cat([z, encoded.to(z.dtype)]), sentence.repeat(2, 1), words.repeat(2, 1, 1),
+                                    mask.repeat(2, 1))
+                fake, rebuilt = both.split(n)
+            else:
+                fake = modules["g"](z, sentence, words, mask)
+            if self.uncond_weight > 0:
+                fake_logits, uncond_logits = modules["d"](torch.cat([fake, fake]),
+                                                          torch.cat([sentence, null])).float().split(n)
+            else:
+                fake_logits = modules["d"](fake, sentence).float()
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
+            if self.uncond_weight > 0:
+                loss = loss + self.uncond_weight * generator_loss(uncond_logits, self.loss_kind)
+            if self.encoder is not None:
+                reconstruction = (rebuilt.float() - images.float()).abs().mean()
+                kl = kl_to_standard_normal(mean, log_variance)
+                loss = loss + self.recon_weight * reconstruction + self.kl_weight * kl
+                metrics |= {"reconstruction": reconstruction.detach(), "kl": kl.detach()}
             if self.clip is not None:
                 if self.clip.device != device:  # the frozen CLIP is no module of the loop's: nothing else moves it
                     self.clip.to(device)
@@ -219,14 +262,22 @@ class GanStage(BaseStage):
         lazy_r1 = float(torch.rand((), generator=generator, device=generator.device)) < 1 / self.r1_every
         with_r1 = self.r1_gamma > 0 and lazy_r1
         real = images.detach().requires_grad_(with_r1)
-        # One D call on [real | real with another caption | fake]: DDP expects one forward per backward.
-        logits = modules["d"](torch.cat([real, images, fake.to(images.dtype)]),
-                              torch.cat([sentence, sentence[order.to(device)], sentence])).float()
-        real_logits, mismatched_logits, fake_logits = logits.split(n)
+        # One D call on [real | real with another caption | fake (| real, fake without caption)]: DDP expects
+        # one forward per backward.
+        fake = fake.to(images.dtype)
+        batch_images, batch_sentences = [real, images, fake], [sentence, sentence[order.to(device)], sentence]
+        if self.uncond_weight > 0:
+            batch_images, batch_sentences = batch_images + [images, fake], batch_sentences + [null, null]
+        logits = modules["d"](torch.cat(batch_images), torch.cat(batch_sentences)).float().split(n)
+        real_logits, mismatched_logits, fake_logits = logits[:3]
         loss = discriminator_loss(real_logits, fake_logits, mismatched_logits, valid.to(device), self.loss_kind)
         metrics = {"accuracy": ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2,
                    "mismatch_accuracy": _masked_mean((mismatched_logits < 0).float(), valid.to(device)),
                    "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
+        if self.uncond_weight > 0:
+            uncond_real, uncond_fake = logits[3:]
+            loss = loss + self.uncond_weight * unconditional_loss(uncond_real, uncond_fake, self.loss_kind)
+            metrics["uncond_accuracy"] = ((uncond_real > 0).float().mean() + (uncond_fake < 0).float().mean()) / 2
         if with_r1:
             penalty = r1_penalty(real_logits, real, self.r1_gamma)
             loss = loss + self.r1_every * penalty
@@ -265,7 +316,9 @@ class GanStage(BaseStage):
         return {"stage": self.name, "g": asdict(self.generator.config), "d": asdict(self.discriminator.config),
                 "loss": self.loss_kind, "r1_gamma": self.r1_gamma, "r1_every": self.r1_every,
                 "data_size": len(self.data), "clip_weight": self.clip_weight,
-                "text_encoder": self.text_encoder.config.to_diff_dict()}
+                "text_encoder": self.text_encoder.config.to_diff_dict()} | (
+                    {"uncond_weight": self.uncond_weight} if self.uncond_weight else {}) | (
+                    {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {})
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -296,6 +349,9 @@ class GanTrainConfig:
     r1_every: int = 4
     ema_decay: float | None = 0.999
     clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
+    uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
+    recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
+    kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
     collapse_threshold: float = 0.05
     collapse_patience: int = 5
     collapse_after: int = 500      # steps before the collapse watch starts
@@ -308,6 +364,7 @@ class GanTrainConfig:
     log_every: int = 10
     num_workers: int = 0
     max_minutes: float | None = None  # stop after this much training (resume goes on)
+    init: Path | None = None       # a GAN run or checkpoint folder whose G (EMA) and D weights start this run
     command: str = ""              # for the model card
 
 
@@ -317,8 +374,10 @@ def _check_folders(config: GanTrainConfig) -> None:
     if missing:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
-    if config.clip_weight < 0:
-        raise BrushworkError(f"--clip-weight must be at least 0, got {config.clip_weight}.")
+    for option, value in (("--clip-weight", config.clip_weight), ("--uncond-weight", config.uncond_weight),
+                          ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
+        if value < 0:
+            raise BrushworkError(f"{option} must be at least 0, got {value}.")
     if config.clip_weight > 0 and not (text_model / "clip").is_dir():
         raise BrushworkError(f"--clip-weight needs a full CLIP model in {text_model / 'clip'} (what `brushwork "
                              "train` writes); this model folder has none.")
@@ -326,6 +385,42 @@ def _check_folders(config: GanTrainConfig) -> None:
         raise BrushworkError(f"{out} holds a diffusion model; choose a new folder for the GAN with --out.")
     if out.exists() and not out.is_dir():
         raise BrushworkError(f"output {out} is a file, not a folder: choose a folder path for --out.")
+
+
+def init_checkpoint(path: Path) -> Path:
+    """The checkpoint folder `path` names: a checkpoint itself, a run folder (its latest checkpoint) or a GAN
+    folder written by `brushwork train gan` (the latest checkpoint of its runs/gan)."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "runs" / "gan"):
+        if (candidate / "g.safetensors").is_file() and (candidate / "d.safetensors").is_file():
+            return candidate
+        checkpoints = list_checkpoints(candidate) if candidate.is_dir() else []
+        if checkpoints:
+            return checkpoints[-1]
+    raise BrushworkError(f"--init {path}: no GAN checkpoint there (a folder with g.safetensors and d.safetensors, "
+                         "a run folder with checkpoints/, or a GAN folder with runs/gan/).")
+
+
+def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path) -> None:
+    """G from the checkpoint's EMA weights (its raw ones when it kept no EMA), D from its weights."""
+    g_file = checkpoint / "ema-g.safetensors"
+    g_file = g_file if g_file.is_file() else checkpoint / "g.safetensors"
+    for module, file in ((generator, g_file), (discriminator, checkpoint / "d.safetensors")):
+        try:
+            load_model(module, str(file), strict=True)
+        except Exception as error:  # safetensors raises its own types for corrupt files and wrong shapes
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BrushworkError(f"--init: {file} does not fit a GAN of this size and text encoder ({first}).") from None
+
+
+def _init_facts(checkpoint: Path) -> dict:
+    """Where the weights came from, and the commands and steps behind them when the GAN folder is known."""
+    state = json.loads((checkpoint / "state.json").read_text()) if (checkpoint / "state.json").is_file() else {}
+    facts = {"checkpoint": str(checkpoint), "steps": state.get("step"), "train_time_s": state.get("elapsed_s")}
+    card = checkpoint.parents[3] / "training.json" if len(checkpoint.parents) > 3 else None
+    if card is not None and card.is_file():  # OUT/runs/gan/checkpoints/step-N -> OUT/training.json
+        facts["commands"] = json.loads(card.read_text()).get("commands", [])
+    return facts
 
 
 def _model_card(facts: dict) -> str:
@@ -338,12 +433,21 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
-- Steps: {facts['steps']} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']},
-  CLIP term weight {facts.get('clip_weight', 0.0)})
+- Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']},
+  CLIP term weight {facts.get('clip_weight', 0.0)}, caption-withheld term weight {facts.get('uncond_weight', 0.0)},
+  reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
 - Machine: {describe_machine(facts['machine'])}
 """
+
+
+def _init_line(facts: dict) -> str:
+    source = facts.get("initialized_from")
+    if not source:
+        return ""
+    before = f"{source['steps']} steps" if source.get("steps") else "a checkpoint"
+    return f", after {before} of {source['checkpoint']}"
 
 
 def train_gan(config: GanTrainConfig) -> Path:
@@ -360,6 +464,9 @@ def train_gan(config: GanTrainConfig) -> Path:
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
     text_dim = text_encoder.config.hidden_size
     generator, discriminator = build_generator(config.size, text_dim), build_discriminator(config.size, text_dim)
+    init = init_checkpoint(config.init) if config.init is not None else None
+    if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
+        load_init(generator, discriminator, init)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
@@ -367,7 +474,9 @@ def train_gan(config: GanTrainConfig) -> Path:
     stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
                      r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
-                     log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight)
+                     log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight,
+                     uncond_weight=config.uncond_weight, recon_weight=config.recon_weight, kl_weight=config.kl_weight,
+                     encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -385,16 +494,21 @@ def train_gan(config: GanTrainConfig) -> Path:
         lines = result.log_path.read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
         previous = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
-        commands = previous.get("commands", []) if config.resume else []
+        init_facts = previous.get("initialized_from") if config.resume else None
+        init_facts = init_facts or (_init_facts(init) if init is not None else None)
+        commands = previous.get("commands", []) if config.resume else list((init_facts or {}).get("commands", []))
         if config.command and config.command not in commands:
             commands.append(config.command)
         facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
                  "resolution": generator.config.resolution, "text_model": str(config.text_model), "size": config.size,
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "loss": config.loss,
-                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "ema_decay": config.ema_decay,
+                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "uncond_weight": config.uncond_weight,
+                 "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
                  "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_facts()}
+        if init_facts:
+            facts["initialized_from"] = {k: v for k, v in init_facts.items() if k != "commands"}
         (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
         (out / "README.md").write_text(_model_card(facts))
     PartialState().wait_for_everyone()
