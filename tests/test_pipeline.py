@@ -189,7 +189,8 @@ def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffuser
     with torch.no_grad():
         denoiser = Denoiser(unet)
         assert {type(p) for p in unet.attn_processors.values()} == {TextKVAttnProcessor}
-        with_kv = denoiser(sample, torch.tensor(10.0), text, *denoiser.text_kv(text))
+        emb = denoiser.step_embeddings(torch.tensor([10]), text)[0]
+        with_kv = denoiser(sample, emb, text, *denoiser.text_kv(text))
         called_directly = unet(sample, 10, encoder_hidden_states=text).sample  # projects the text itself
         torch.testing.assert_close(called_directly, with_kv)
         unet.set_attn_processor(AttnProcessor2_0())
@@ -200,6 +201,34 @@ def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffuser
         plain = Denoiser(unet)
         assert plain.cross_attentions == [] and plain.text_kv(text) == []
         assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
+def test_denoiser_with_step_embeddings_made_ahead_equals_the_diffusers_unet(model_dir):
+    from diffusers import UNet2DConditionModel
+
+    from brushwork.pipeline import Denoiser
+
+    unet = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32).model.unet
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    timesteps = torch.tensor([999, 500, 3])
+    # the tests' SD-style UNet, one with the shipped models' pooled-text embedding, one that centres its input
+    variants = [unet] + [UNet2DConditionModel.from_config({**unet.config, **change}).eval() for change in
+                         ({"addition_embed_type": "text", "addition_embed_type_num_heads": 2},
+                          {"center_input_sample": True})]
+    with torch.no_grad():
+        for model in variants:
+            denoiser = Denoiser(model)
+            embeddings = denoiser.step_embeddings(timesteps, text)
+            for side in (8, 6):  # 6: the up blocks need their output sizes passed, as diffusers does
+                sample = torch.randn(2, 4, side, side)
+                for i, t in enumerate(timesteps):
+                    expected = model(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+                    actual = denoiser(sample, embeddings[i], text, *denoiser.text_kv(text))
+                    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    labelled = UNet2DConditionModel.from_config({**unet.config, "class_embed_type": "timestep"})
+    with pytest.raises(BrushworkError, match="needs class labels"):
+        Denoiser(labelled)
 
 
 @pytest.mark.slow

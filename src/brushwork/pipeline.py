@@ -190,15 +190,34 @@ def _plain_attention(attn: Attention) -> bool:
             and attn.rescale_output_factor == 1.0)
 
 
+def _unsupported_conditioning(unet: UNet2DConditionModel) -> str | None:
+    """What this UNet needs beyond latents, timestep and text (which is all a text-to-image pipeline gives)."""
+    c = unet.config
+    if c.class_embed_type is not None or c.num_class_embeds is not None:
+        return "class labels"
+    if c.addition_embed_type not in (None, "text"):
+        return f"added conditions ({c.addition_embed_type})"
+    if c.encoder_hid_dim_type is not None:
+        return f"a projection of the text ({c.encoder_hid_dim_type})"
+    return None
+
+
 class Denoiser(torch.nn.Module):
-    """The UNet as one call of tensors, the form CompiledModule takes: (latents, timestep, text, *text_kv).
-    The timestep comes as float32 (the UNet makes it float anyway), so integer- and float-timestep samplers
-    share one compiled UNet. `text_kv(text)` makes the cross-attention keys and values once per image; a UNet
-    with attention TextKVAttnProcessor does not cover gets none and projects the text at every step."""
+    """The UNet as one call of tensors, the form CompiledModule takes: (latents, step_embedding, text, *text_kv).
+
+    The time embedding of every step, and the pooled-text embedding that a UNet with addition_embed_type="text"
+    adds to it, depend only on the timesteps and the text, so `step_embeddings` makes them for all steps at
+    once, before the loop; `forward` is diffusers' UNet forward from there on (written out here because
+    diffusers' takes only timesteps). `text_kv(text)` makes the cross-attention keys and values once per image;
+    a UNet with attention TextKVAttnProcessor does not cover gets none and projects the text at every step."""
 
     def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
+        unsupported = _unsupported_conditioning(unet)
+        if unsupported is not None:
+            raise BrushworkError(f"this UNet needs {unsupported}, which a text-to-image pipeline does not give; "
+                                 "brushwork runs Stable Diffusion 1.x/2.x-style UNets (text and timestep only).")
         attentions = [m for m in unet.modules() if isinstance(m, Attention)]
         self.cross_attentions = [a for a in attentions if a.is_cross_attention]
         if not all(_plain_attention(a) for a in attentions):
@@ -212,11 +231,48 @@ class Denoiser(torch.nn.Module):
         # contiguous: compiled code is fixed to its inputs' strides
         return [tensor.contiguous() for attn in self.cross_attentions for tensor in _project_text(attn, text)]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+    def step_embeddings(self, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[steps, B, C]: what the UNet's blocks take as `temb` at each step, for `text` [B, T, D]."""
+        unet = self.unet
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(text.dtype))[:, None]
+        added = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs={})
+        emb = (emb + added[None] if added is not None else emb.expand(-1, len(text), -1)).contiguous()
+        return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
+
+    def forward(self, sample: torch.Tensor, step_embedding: torch.Tensor, text: torch.Tensor,
                 *text_kv: torch.Tensor) -> torch.Tensor:
         kwargs = {"text_kv": text_kv} if text_kv else None
-        return self.unet(sample, timestep, encoder_hidden_states=text, cross_attention_kwargs=kwargs,
-                         return_dict=False)[0]
+        unet = self.unet
+        emb = step_embedding
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        # diffusers passes the up blocks their output size only for sides that do not halve evenly
+        uneven = any(side % 2 ** unet.num_upsamplers for side in sample.shape[-2:])
+        sample = unet.conv_in(sample)
+        skips = (sample,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, outputs = block(hidden_states=sample, temb=emb, encoder_hidden_states=text,
+                                        cross_attention_kwargs=kwargs)
+            else:
+                sample, outputs = block(hidden_states=sample, temb=emb)
+            skips += outputs
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                sample = unet.mid_block(sample, emb, encoder_hidden_states=text, cross_attention_kwargs=kwargs)
+            else:
+                sample = unet.mid_block(sample, emb)
+        for block in unet.up_blocks:
+            outputs, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            size = skips[-1].shape[2:] if uneven and skips else None
+            if getattr(block, "has_cross_attention", False):
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=outputs,
+                               encoder_hidden_states=text, cross_attention_kwargs=kwargs, upsample_size=size)
+            else:
+                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=outputs, upsample_size=size)
+        if unet.conv_norm_out is not None:
+            sample = unet.conv_act(unet.conv_norm_out(sample))
+        return unet.conv_out(sample)
 
 
 class LatentDecoder(torch.nn.Module):
@@ -327,10 +383,11 @@ class DiffusionModel:
         step_kwargs = {"generator": generators} if "generator" in _step_parameters(scheduler) else {}
         with self._autocast():
             text_kv = self.denoiser.text_kv(text)
+            step_embeddings = self.denoiser.step_embeddings(scheduler.timesteps, text)
             for i, t in enumerate(scheduler.timesteps):
                 model_input = torch.cat([latents, latents]) if use_guidance else latents
                 model_input = scheduler.scale_model_input(model_input, t).to(unet_dtype)
-                noise = self.denoise(model_input, t.float(), text, *text_kv).float()
+                noise = self.denoise(model_input, step_embeddings[i], text, *text_kv).float()
                 if use_guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
