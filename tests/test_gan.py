@@ -281,6 +281,19 @@ def test_reconstruction_trains_an_encoder_that_the_saved_gan_leaves_out(text_mod
     assert "recon_weight" not in make_stage(text_model, data).fingerprint()
 
 
+def test_d_can_learn_faster_than_g(text_model, tmp_path):
+    folder, _, _ = text_model
+    settings = dict(data="shapes", text_model=folder, size="tiny", n=16, batch_size=4, mixed_precision="no",
+                    collapse_threshold=0.0, sample_every=0, log_every=1)
+    out = train_gan(GanTrainConfig(out=tmp_path / "gan", steps=1, lr=1e-4, lr_d=4e-4, **settings))
+    record = json.loads((out / "runs" / "gan" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["lr/d"] == pytest.approx(4e-4) and record["lr/g"] == pytest.approx(1e-4)
+    facts = json.loads((out / "training.json").read_text())
+    assert (facts["lr"], facts["lr_d"]) == (1e-4, 4e-4)
+    with pytest.raises(BrushworkError, match="--lr-d must be above 0"):
+        train_gan(GanTrainConfig(out=tmp_path / "other", steps=1, lr_d=0.0, **settings))
+
+
 def test_collapse_stops_training_with_a_clear_error(text_model, data, tmp_path):
     stage = make_stage(text_model, data, collapse_threshold=10.0, collapse_patience=2, collapse_after=0,
                        log_every=1, run_dir=tmp_path / "run")

@@ -127,7 +127,8 @@ class GanStage(BaseStage):
                  r1_every: int = 4, collapse_threshold: float = 0.05, collapse_patience: int = 5,
                  collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
                  clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
-                 encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01):
+                 encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
+                 d_lr_scale: float = 1.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -157,6 +158,7 @@ class GanStage(BaseStage):
         self.encoder = encoder if encoder is not None and recon_weight > 0 else None
         self.recon_weight = recon_weight if self.encoder is not None else 0.0
         self.kl_weight = kl_weight
+        self.d_lr_scale = d_lr_scale  # D's learning rate over G's (DF-GAN's two time-scale rule: 4)
         self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._diversity: list[torch.Tensor] = []
@@ -170,7 +172,7 @@ class GanStage(BaseStage):
 
     def optimizer_options(self) -> dict[str, dict]:
         # GANs train with little or no first-moment momentum (StyleGAN2's and DF-GAN's betas).
-        return {"d": {"betas": (0.0, 0.99)}, "g": {"betas": (0.0, 0.99)}}
+        return {"d": {"betas": (0.0, 0.99), "lr_scale": self.d_lr_scale}, "g": {"betas": (0.0, 0.99)}}
 
     def dataset(self) -> Dataset:
         return self.data
@@ -343,7 +345,8 @@ class GanTrainConfig:
     steps: int | None = None       # None: the size's default
     batch_size: int | None = None  # None: the size's default
     n: int | None = None           # items of the data set (shapes: images to draw)
-    lr: float = 2e-4
+    lr: float = 2e-4               # G's learning rate
+    lr_d: float | None = None      # D's learning rate; None: the same as G's
     loss: str = "hinge"
     r1_gamma: float = 1.0
     r1_every: int = 4
@@ -378,6 +381,8 @@ def _check_folders(config: GanTrainConfig) -> None:
                           ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
         if value < 0:
             raise BrushworkError(f"{option} must be at least 0, got {value}.")
+    if config.lr_d is not None and config.lr_d <= 0:
+        raise BrushworkError(f"--lr-d must be above 0, got {config.lr_d}.")
     if config.clip_weight > 0 and not (text_model / "clip").is_dir():
         raise BrushworkError(f"--clip-weight needs a full CLIP model in {text_model / 'clip'} (what `brushwork "
                              "train` writes); this model folder has none.")
@@ -433,7 +438,7 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
-- Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']}, {facts['loss']} loss, R1 γ {facts['r1_gamma']},
+- Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
   CLIP term weight {facts.get('clip_weight', 0.0)}, caption-withheld term weight {facts.get('uncond_weight', 0.0)},
   reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
@@ -476,7 +481,8 @@ def train_gan(config: GanTrainConfig) -> Path:
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
                      log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight,
                      uncond_weight=config.uncond_weight, recon_weight=config.recon_weight, kl_weight=config.kl_weight,
-                     encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None)
+                     encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
+                     d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -501,7 +507,8 @@ def train_gan(config: GanTrainConfig) -> Path:
             commands.append(config.command)
         facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
                  "resolution": generator.config.resolution, "text_model": str(config.text_model), "size": config.size,
-                 "steps": result.step, "batch_size": batch_size, "lr": config.lr, "loss": config.loss,
+                 "steps": result.step, "batch_size": batch_size, "lr": config.lr, "lr_d": config.lr_d or config.lr,
+                 "loss": config.loss,
                  "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "uncond_weight": config.uncond_weight,
                  "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
