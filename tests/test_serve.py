@@ -22,6 +22,7 @@ from brushwork.pipeline import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
 from brushwork.serve.app import STATIC_DIR, create_app
 from brushwork.serve.common import Blocklist, ServeConfig
+from brushwork.serve.jobs import compiled_batch_sizes, padded_batch_size, warm_up
 from brushwork.watermark import detect
 
 STEPS = 3
@@ -123,6 +124,35 @@ def test_compatible_jobs_share_one_batch_and_keep_their_seeds(pipe):
         batched = [pixels(client.get(image["url"]).content) for image in jobs[1]["images"]]
     for got, want in zip(batched, direct(pipe, 5, n=2)):
         assert np.abs(got - want).max() <= 2  # same seeds as alone; batch size only changes float rounding
+
+
+def test_compiled_pipelines_get_batches_filled_to_a_compiled_size(pipe):
+    gated = GatedPipe(pipe)
+    gated.compiled = True  # what from_pretrained(compile=True) sets; the padding does not need real compiling
+    gated.gate.clear()
+    with client_for(gated, watermark=False, max_batch=8) as client:
+        first = client.post("/v1/generate", json={"prompt": "a red circle", "seed": 1}).json()
+        wait_until(gated.entered.is_set)
+        together = [client.post("/v1/generate", json={"prompt": prompt, "seed": seed, "n": n}).json()
+                    for prompt, seed, n in (("a red circle", 5, 2), ("blue", 9, 1))]
+        gated.gate.set()
+        jobs = [wait_done(client, job["id"]) for job in [first, *together]]
+        assert [job["state"] for job in jobs] == ["succeeded"] * 3
+        assert gated.calls == [1, 4]  # 3 images filled up to 4; the copy is dropped
+        assert [len(job["images"]) for job in jobs] == [1, 2, 1]
+        assert [image["seed"] for job in jobs for image in job["images"]] == [1, 5, 6, 9]
+        batched = [pixels(client.get(image["url"]).content) for image in jobs[1]["images"]]
+    for got, want in zip(batched, direct(pipe, 5, n=2)):
+        assert np.abs(got - want).max() <= 2
+
+
+def test_compiled_batch_sizes_and_warm_up():
+    assert compiled_batch_sizes(8) == [1, 2, 4, 8] and compiled_batch_sizes(6) == [1, 2, 4, 6]
+    assert compiled_batch_sizes(1) == [1]
+    assert [padded_batch_size(n, [1, 2, 4, 8]) for n in (1, 3, 5, 8, 11)] == [1, 4, 8, 8, 11]
+    calls = []
+    warm_up(lambda prompts, **kwargs: calls.append((len(prompts), kwargs["guidance_scale"])), [1, 2, 4], 5.0)
+    assert calls == [(1, 5.0), (2, 5.0), (4, 5.0)]
 
 
 def test_cancel_queued_and_running_jobs(pipe):

@@ -658,6 +658,7 @@ class BrushworkPipeline:
         self.dtype = dtype
         self.threads = threads or torch.get_num_threads()
         self.name = path.stem if path.is_file() else path.name
+        self.compiled = False
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
@@ -684,6 +685,7 @@ class BrushworkPipeline:
         pipe = cls(load_model(path, allow_pickle=allow_pickle), path, device, dtype, threads)
         if compile:
             pipe.model.compile()
+            pipe.compiled = True
         return pipe
 
     @cached_property

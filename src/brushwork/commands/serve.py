@@ -46,6 +46,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Images sampled together in one batch.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds a job may take from submission, queue included.")] = 300.0,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the model for batch sizes 1, 2, 4, ... up to --max-batch before serving (2-3 minutes a size the first time, then loaded from the cache in a second): about 2.5-3x faster sampling on a CPU with bf16.")] = False,
 ) -> None:
     """Serve the model over HTTP: a web page at /, brushwork's API, and OpenAI- and AUTOMATIC1111-compatible APIs."""
     import torch
@@ -54,6 +55,7 @@ def serve(
     from brushwork.pipeline import BrushworkPipeline
     from brushwork.serve.app import create_app
     from brushwork.serve.common import Blocklist, ServeConfig
+    from brushwork.serve.jobs import compiled_batch_sizes, warm_up
 
     if not is_loopback(host) and not api_key and not insecure:
         raise BrushworkError(f"--host {host} lets other machines connect; give --api-key KEY (or set "
@@ -71,7 +73,12 @@ def serve(
 
     _quiet_libraries()
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
-    pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                             compile=compile)
+    if compile:
+        typer.echo(f"Compiling {pipe.name} for batch sizes {', '.join(map(str, compiled_batch_sizes(max_batch)))} "
+                   "(minutes each the first time, then loaded from the cache)", err=True)
+        warm_up(pipe, compiled_batch_sizes(max_batch), config.default_guidance)
     app = create_app(pipe, config)
     if not is_loopback(host) and not api_key:
         typer.echo(f"Warning: serving on {host} without an API key (--insecure): anyone who can reach it can use it",

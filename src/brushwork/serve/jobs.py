@@ -120,6 +120,24 @@ def png_bytes(image: PIL.Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+def compiled_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a compiled pipeline is compiled for: powers of two below max_batch, and max_batch."""
+    sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch]
+    return sizes + [max_batch]
+
+
+def padded_batch_size(images: int, sizes: list[int]) -> int:
+    """The smallest of `sizes` that holds `images`; `images` itself when none does (a job above max_batch)."""
+    return min((size for size in sizes if size >= images), default=images)
+
+
+def warm_up(pipe: BrushworkPipeline, sizes: list[int], guidance: float) -> None:
+    """Run a compiled pipeline once at each batch size, so that no request waits for a compile. Requests with
+    guidance 1 or less (no unconditional half) or another image size compile on first use."""
+    for size in sizes:
+        pipe([""] * size, num_inference_steps=1, guidance_scale=guidance, seed=0)
+
+
 class JobScheduler:
     def __init__(self, pipe: BrushworkPipeline, metrics: Metrics, max_queue: int = 32, max_batch: int = 8,
                  timeout: float = 300.0, preview_every: int = 5, watermark: bool = True, keep_finished: int = 128):
@@ -127,6 +145,9 @@ class JobScheduler:
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch = max_batch  # images per pipeline call; one larger job still runs, alone
+        # A compiled pipeline runs code compiled for one batch size: batches are filled up to one of a few
+        # sizes with copies that are thrown away, instead of compiling for every size (minutes each).
+        self.batch_sizes = compiled_batch_sizes(max_batch) if getattr(pipe, "compiled", False) else None
         self.timeout = timeout
         self.preview_every = preview_every
         self.watermark = watermark
@@ -304,6 +325,10 @@ class JobScheduler:
                 owners.append(job)
         first = batch[0].request
         self.metrics.batch_images.observe(len(prompts))
+        if self.batch_sizes is not None:
+            fill = padded_batch_size(len(prompts), self.batch_sizes) - len(prompts)
+            prompts, negatives = prompts + prompts[-1:] * fill, negatives + negatives[-1:] * fill
+            generators += [torch.Generator("cpu").manual_seed(seeds[-1]) for _ in range(fill)]
         output = self.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
                            guidance_scale=first.guidance, generator=generators, height=first.height,
                            width=first.width, sampler=first.sampler,
