@@ -2,10 +2,11 @@
 
 Each client sends POST /v1/images/generations (one image, same size/steps/guidance) and waits for the
 answer before sending the next. The server runs once with --max-batch 1 (one job per UNet batch) and once
-with batching; images per second and per-request latency are printed. The model is the ~7M-parameter
-64x64 SD-shaped one of bench_generate.py (built under /tmp on first use) unless --model is given.
+with batching, and with --compile a third time, batching with the compiled pipeline (`serve --compile`:
+compiled for every batch size it uses before the clock starts); images per second and per-request latency
+are printed. The model is the shipped `shapes` unless --model is given.
 
-    python benchmarks/bench_serve.py [--clients 8] [--requests 4] [--steps 10] [--threads 2]
+    python benchmarks/bench_serve.py [--model shapes] [--clients 8] [--requests 4] [--steps 10] [--threads 2] [--compile]
 """
 
 import argparse
@@ -15,28 +16,25 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 import torch
-from bench_generate import MODEL, build_model
 
 from brushwork.commands.generate import _quiet_libraries
 from brushwork.commands.serve import make_server
 from brushwork.pipeline import BrushworkPipeline
 from brushwork.serve.app import create_app
 from brushwork.serve.common import ServeConfig
+from brushwork.serve.jobs import compiled_batch_sizes, warm_up
 
 
-def load_pipeline(model: Path | None) -> BrushworkPipeline:
+def load_pipeline(model: str, compile: bool = False) -> BrushworkPipeline:
     _quiet_libraries()
-    if model is None:
-        model = MODEL
-        if not (model / "model_index.json").exists():
-            build_model(model)
-    return BrushworkPipeline.from_pretrained(model, device="cpu", dtype=torch.float32)
+    # compiled: the dtype serve --compile takes (bf16 on CPUs with native bf16)
+    return BrushworkPipeline.from_pretrained(model, device="cpu", dtype=None if compile else torch.float32,
+                                             compile=compile)
 
 
 class Server:
@@ -88,28 +86,37 @@ def run_clients(url: str, clients: int, requests: int, steps: int) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--model", default="shapes", help="model folder or shipped name")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also serve the compiled pipeline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     print(f"model {pipe.name} ({pipe.default_size}px), {args.clients} clients x {args.requests} requests, "
           f"{args.steps} steps, {args.threads} threads")
+    runs = [("max batch 1", pipe, 1), (f"max batch {args.max_batch}", pipe, args.max_batch)]
+    if args.compile:
+        compiled = load_pipeline(args.model, compile=True)
+        warm_up(compiled, compiled_batch_sizes(args.max_batch), ServeConfig().default_guidance)
+        runs.append((f"max batch {args.max_batch}, compiled", compiled, args.max_batch))
     results = {}
-    for max_batch in (1, args.max_batch):
+    for label, served, max_batch in runs:
         config = ServeConfig(max_batch=max_batch, max_queue=4 * args.clients)
-        with Server(pipe, config) as server:
+        with Server(served, config) as server:
             run_clients(server.url, 1, 1, args.steps)  # warm-up
             wall, latencies = run_clients(server.url, args.clients, args.requests, args.steps)
         images = args.clients * args.requests
-        results[max_batch] = images / wall
-        print(f"max batch {max_batch:2d}: {images / wall:6.2f} images/s  latency p50 {statistics.median(latencies):.2f} s"
+        results[label] = images / wall
+        print(f"{label}: {images / wall:6.2f} images/s  latency p50 {statistics.median(latencies):.2f} s"
               f"  p99 {percentile(latencies, 99):.2f} s  ({images} images in {wall:.1f} s)")
-    print(f"batching gain: {results[args.max_batch] / results[1]:.2f}x")
+    print(f"batching gain: {results[runs[1][0]] / results[runs[0][0]]:.2f}x")
+    if args.compile:
+        print(f"compiled batching: {results[runs[2][0]] / results[runs[1][0]]:.2f}x eager batching, "
+              f"{results[runs[2][0]] / results[runs[0][0]]:.2f}x one job at a time")
 
 
 if __name__ == "__main__":
