@@ -10,7 +10,6 @@ import collections
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import torch
@@ -45,7 +44,7 @@ def request(http: httpx.Client, url: str, i: int, steps: int) -> tuple[int, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--model", default="shapes", help="model folder or shipped name")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)

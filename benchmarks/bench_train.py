@@ -21,7 +21,7 @@ from brushwork.data.dataset import open_dataset
 from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, run
-from brushwork.train.stages import ClipStage, UnetStage, VaeStage, set_scaling_factor, text_encoder_from_clip
+from brushwork.train.stages import ClipStage, UnetStage, VaeStage, normalize_latents, text_encoder_from_clip
 
 
 def loop_throughput(stage, work: Path, batch_size: int, warmup: int, steps: int, **config) -> float:
@@ -85,7 +85,7 @@ def main() -> None:
                                             args.warmup, args.steps, **shared)
                 vae_stage = VaeStage(data, vae)
                 vae_rate = loop_throughput(vae_stage, work / precision, batch_size, args.warmup, args.steps, **shared)
-                set_scaling_factor(vae_stage.vae.eval(), data, num_samples=batch_size)
+                normalize_latents(vae_stage.vae.eval(), data, num_samples=batch_size)
                 unet_stage = UnetStage(data, build_unet(size), text_encoder_from_clip(clip), tokenizer, vae_stage.vae)
                 started = time.perf_counter()
                 unet_stage.dataset()
