@@ -8,6 +8,9 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
   weighted by `r1_every`, which saves most of its double backward pass.
 - G: the generator side of the same adversarial loss ("hinge": -D(G(z, t), t); "nonsaturating":
   softplus(-D(G(z, t), t))).
+- Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); real/fake with the caption
+  withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
+  KL term (G and the encoder E, which the saved GAN leaves out). D may have its own learning rate (`lr_d`).
 
 Watched in the metrics (the loop prefixes them with d/ and g/): D's accuracy on real vs fake, mean logits,
 R1, and `diversity` = mean pairwise distance between G's images in the batch / the same for the real images.
