@@ -1,6 +1,7 @@
 """The text-conditional GAN: loss terms by hand, generation, the saved folder, training through the loop."""
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -346,6 +347,14 @@ def test_init_starts_from_another_runs_weights_and_records_where(text_model, tmp
     assert facts["initialized_from"]["checkpoint"] == str(source) and facts["initialized_from"]["steps"] == 2
     assert facts["commands"] == ["brushwork train gan first", "brushwork train gan second"]
     assert f"after 2 steps of {source}" in (second / "README.md").read_text()
+
+    # a run stopped before it wrote its card, resumed with --init still given, keeps the source's commands
+    shutil.rmtree(second / "runs" / "gan" / "checkpoints" / "step-00000002", ignore_errors=True)
+    (second / "training.json").unlink()
+    resumed = train_gan(GanTrainConfig(out=tmp_path / "second", steps=2, lr=0.0, init=first, resume=True,
+                                       command="brushwork train gan second --resume", **settings))
+    assert json.loads((resumed / "training.json").read_text())["commands"] == [
+        "brushwork train gan first", "brushwork train gan second --resume"]
 
     with pytest.raises(BrushworkError, match="no GAN checkpoint"):
         train_gan(GanTrainConfig(out=tmp_path / "third", steps=1, init=tmp_path / "nowhere", **settings))

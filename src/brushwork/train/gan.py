@@ -505,7 +505,9 @@ def train_gan(config: GanTrainConfig) -> Path:
         previous = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
         init_facts = previous.get("initialized_from") if config.resume else None
         init_facts = init_facts or (_init_facts(init) if init is not None else None)
-        commands = previous.get("commands", []) if config.resume else list((init_facts or {}).get("commands", []))
+        # a resumed run continues its own card's list; one stopped before writing a card starts from --init's
+        resumed_card = config.resume and "commands" in previous
+        commands = previous["commands"] if resumed_card else list((init_facts or {}).get("commands", []))
         if config.command and config.command not in commands:
             commands.append(config.command)
         facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
