@@ -237,6 +237,7 @@ def test_compiled_pipeline_matches_eager_and_reloads_without_compiling(model_dir
     eager = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32)
     compiled = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32, compile=True)
     assert isinstance(compiled.model.denoise, CompiledModule) and isinstance(compiled.model.decode, CompiledModule)
+    assert compiled.compiled and not eager.compiled
     a = pixels(eager("a red circle", seed=3, **SMALL).images[0])
     b = pixels(compiled("a red circle", seed=3, **SMALL).images[0])
     assert np.abs(a - b).max() <= 2

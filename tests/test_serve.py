@@ -128,7 +128,7 @@ def test_compatible_jobs_share_one_batch_and_keep_their_seeds(pipe):
 
 def test_compiled_pipelines_get_batches_filled_to_a_compiled_size(pipe):
     gated = GatedPipe(pipe)
-    gated.compiled = True  # what from_pretrained(compile=True) sets; the padding does not need real compiling
+    gated.compiled = True  # what a compiled pipeline reports; the padding does not need real compiling
     gated.gate.clear()
     with client_for(gated, watermark=False, max_batch=8) as client:
         first = client.post("/v1/generate", json={"prompt": "a red circle", "seed": 1}).json()

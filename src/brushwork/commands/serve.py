@@ -76,9 +76,10 @@ def serve(
     pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                              compile=compile)
     if compile:
-        typer.echo(f"Compiling {pipe.name} for batch sizes {', '.join(map(str, compiled_batch_sizes(max_batch)))} "
+        sizes = compiled_batch_sizes(max_batch)
+        typer.echo(f"Compiling {pipe.name} for batch sizes {', '.join(map(str, sizes))} "
                    "(minutes each the first time, then loaded from the cache)", err=True)
-        warm_up(pipe, compiled_batch_sizes(max_batch), config.default_guidance)
+        warm_up(pipe, sizes, config.default_guidance)
     app = create_app(pipe, config)
     if not is_loopback(host) and not api_key:
         typer.echo(f"Warning: serving on {host} without an API key (--insecure): anyone who can reach it can use it",

@@ -390,6 +390,10 @@ class GanModel:
     def token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, truncation=False).input_ids)
 
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_generator is not None
+
     def compile(self) -> None:
         """Compile the generator with AOTInductor (fp32 on the CPU, like eager: its convolutions are small)."""
         self.compiled_generator = CompiledModule(self.generator_model, "gan-generator")

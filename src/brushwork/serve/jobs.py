@@ -147,7 +147,7 @@ class JobScheduler:
         self.max_batch = max_batch  # images per pipeline call; one larger job still runs, alone
         # A compiled pipeline runs code compiled for one batch size: batches are filled up to one of a few
         # sizes with copies that are thrown away, instead of compiling for every size (minutes each).
-        self.batch_sizes = compiled_batch_sizes(max_batch) if getattr(pipe, "compiled", False) else None
+        self.batch_sizes = compiled_batch_sizes(max_batch) if pipe.compiled else None
         self.timeout = timeout
         self.preview_every = preview_every
         self.watermark = watermark

@@ -225,7 +225,7 @@ class GanStage(BaseStage):
         device, n = images.device, len(texts)
         sentence, words, mask = self.text_features(texts, device)
         z = torch.randn(n, self.generator.config.z_dim, generator=generator, device=generator.device).to(device)
-        null = torch.zeros_like(sentence)
+        null = torch.zeros_like(sentence) if self.uncond_weight > 0 else None  # the withheld caption
         if optimizer == "g":
             if self.encoder is not None:  # one G call on [z ~ N(0, I) | z ~ E(real image)]
                 mean, log_variance = modules["e"](images)
