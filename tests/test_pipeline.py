@@ -252,7 +252,9 @@ def test_compile_casts_the_cpu_unet_to_a_low_dtype_and_fuses_its_projections(mod
     # Compilation itself is covered by the slow test above; here only what compile() does before it.
     monkeypatch.setattr(pipeline_module, "CompiledModule", lambda module, name: module)
     pipe = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, compile=True)
-    assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.float32
+    assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.bfloat16
+    half = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float16, compile=True)
+    assert half.model.unet.dtype == torch.float16 and half.model.vae.dtype == torch.float32  # fp16 VAEs overflow
     assert all(hasattr(module, "to_qkv") for name, module in pipe.model.unet.named_modules()
                if name.endswith("attn1"))
     image = pipe("a red circle", seed=0, **SMALL).images[0]
