@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -41,6 +42,17 @@ def test_same_images_as_diffusers(model_dir, pipe, sampler):
     assert pixels(ours).std() > 5  # a real image, not a flat one
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
     assert pipe.model.denoiser.cross_attentions  # with the text's keys and values made once per image
+
+
+def test_a_scheduler_config_that_does_not_say_gets_sds_clip_sample(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    del config["clip_sample"]
+    config_file.write_text(json.dumps(config))
+    pipe = BrushworkPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert SAMPLERS["ddim"].from_config(pipe.model.scheduler_config).config.clip_sample is False
 
 
 def test_seeds_reproduce_and_batch_matches_singles(pipe):

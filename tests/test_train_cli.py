@@ -4,7 +4,7 @@ import types
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from typer.testing import CliRunner
 
 from brushwork.cli import app
@@ -37,6 +37,9 @@ def test_recipe_writes_a_pipeline_that_generates(model):
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipe.scheduler.config.prediction_type == "epsilon"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    for sampler in (DDIMScheduler, DDPMScheduler):   # SD's settings, not these samplers' pixel-space defaults
+        other = sampler.from_config(pipe.scheduler.config)
+        assert other.config.clip_sample is False and getattr(other.config, "set_alpha_to_one", False) is False
     assert pipe.vae.config.scaling_factor == 1.0   # latents normalised per channel inside the VAE
     image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)

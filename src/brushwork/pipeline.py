@@ -431,6 +431,7 @@ def _load_diffusers_folder(folder: Path) -> DiffusionModel:
     try:
         index = json.loads((folder / "model_index.json").read_text())
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config.setdefault("clip_sample", False)  # as in SD; older brushwork folders did not say
     except (OSError, json.JSONDecodeError) as error:
         raise BrushworkError(f"model folder {folder} has a missing or corrupt config: {error}") from None
     if "unet" not in index:

@@ -70,8 +70,12 @@ def noise_schedule(beta_schedule: str = "scaled_linear", prediction_type: str = 
 
 
 def inference_scheduler(schedule: dict) -> DPMSolverMultistepScheduler:
-    # steps_offset=1 is what StableDiffusionPipeline expects (it rewrites and warns otherwise).
-    return DPMSolverMultistepScheduler(**schedule, steps_offset=1)
+    # steps_offset=1 is what StableDiffusionPipeline expects (it rewrites and warns otherwise). The saved config
+    # also holds SD's values of DDIM's settings, so that DDIMScheduler.from_config(it) does not take its
+    # defaults: clip_sample=True clips latents to [-1, 1] and ruins every image of a latent model.
+    scheduler = DPMSolverMultistepScheduler(**schedule, steps_offset=1)
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
+    return scheduler
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
