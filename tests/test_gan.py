@@ -1,8 +1,8 @@
 """The text-conditional GAN: loss terms by hand, generation, the saved folder, training through the loop."""
 
 import json
-import shutil
 import math
+import shutil
 from pathlib import Path
 
 import pytest

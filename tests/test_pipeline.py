@@ -171,7 +171,12 @@ def test_bad_model_folders(tmp_path, model_dir):
     with pytest.raises(BrushworkError, match="not a model folder"):
         BrushworkPipeline.from_pretrained(tmp_path)
 
-    import shutil
+    listed = tmp_path / "listed"
+    shutil.copytree(model_dir, listed)
+    (listed / "scheduler" / "scheduler_config.json").write_text("[1, 2]")
+    with pytest.raises(BrushworkError, match="must each hold a JSON object"):
+        BrushworkPipeline.from_pretrained(listed)
+
     corrupt = tmp_path / "corrupt"
     shutil.copytree(model_dir, corrupt)
     (corrupt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
