@@ -18,8 +18,8 @@ from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, 
 from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.gan import (GanStage, GanTrainConfig, clip_loss, discriminator_loss, generator_loss,
-                                 kl_to_standard_normal, mismatched_order, pairwise_distance, r1_penalty, train_gan,
+from brushwork.train.gan import (GanStage, GanTrainConfig, clip_contrastive_loss, clip_loss, discriminator_loss,
+                                 generator_loss, kl_to_standard_normal, mismatched_order, pairwise_distance, r1_penalty, train_gan,
                                  unconditional_loss)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
@@ -130,6 +130,22 @@ def test_clip_loss_is_zero_when_aligned_and_two_when_opposite():
     assert clip_loss(3 * text, text).item() == pytest.approx(0.0, abs=1e-6)   # scale does not matter
     assert clip_loss(-text, text).item() == pytest.approx(2.0)
     assert clip_loss(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), text).item() == pytest.approx(1.0)
+
+
+def test_clip_contrastive_loss_by_hand():
+    text = torch.tensor([[1.0, 0.0]])
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])   # the own caption, an orthogonal and an opposite one
+    own_in_bank = torch.tensor([[True, False, False]])
+    # aligned: -log(e^s / (e^s + e^0 + e^-s)); the bank's copy of the own caption is no negative
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
+    assert clip_contrastive_loss(3 * text, text, bank, own_in_bank, scale=2.0).item() == pytest.approx(expected)
+    # an image nearer a wrong caption than its own costs more than one nearer its own
+    wrong = clip_contrastive_loss(torch.tensor([[0.0, 1.0]]), text, bank, own_in_bank, scale=2.0)
+    assert wrong.item() == pytest.approx(-math.log(1 / (1 + math.exp(2) + 1)))
+    assert wrong.item() > expected
+    # without the mask the own caption would count against itself: log 2 more when aligned and s is large
+    unmasked = clip_contrastive_loss(text, text, bank, torch.zeros(1, 3, dtype=torch.bool), scale=50.0)
+    assert unmasked.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_pairwise_distance():
@@ -374,17 +390,35 @@ def test_train_gan_takes_a_shipped_models_text_encoder_by_name(tmp_path, monkeyp
     torch.testing.assert_close(saved.get_input_embeddings().weight, shipped.get_input_embeddings().weight.float())
 
 
-def test_clip_term_is_logged_recorded_and_needs_a_clip(text_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("option", "metric"), [("clip_weight", "g/clip_similarity"),
+                                              ("clip_contrast", "g/clip_contrast")])
+def test_clip_terms_are_logged_recorded_and_need_a_clip(text_model, tmp_path, monkeypatch, option, metric):
     monkeypatch.chdir(tmp_path)
     config = GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "gan", size="tiny", steps=2,
-                            n=8, batch_size=4, sample_every=0, collapse_threshold=0.0, clip_weight=4.0, log_every=1)
+                            n=8, batch_size=4, sample_every=0, collapse_threshold=0.0, log_every=1, **{option: 4.0})
     out = train_gan(config)
     logged = [json.loads(line) for line in (out / "runs" / "gan" / "log.jsonl").read_text().splitlines()]
-    assert all(-1 <= entry["g/clip_similarity"] <= 1 for entry in logged)
-    assert json.loads((out / "training.json").read_text())["clip_weight"] == 4.0
-    with pytest.raises(BrushworkError, match="needs a full CLIP model"):
+    low, high = (-1, 1) if option == "clip_weight" else (1e-6, math.inf)  # a cosine; a cross-entropy
+    assert all(low <= entry[metric] <= high for entry in logged)
+    facts = json.loads((out / "training.json").read_text())
+    assert facts[option] == 4.0 and sum(facts[k] for k in ("clip_weight", "clip_contrast")) == 4.0
+    flag = "--" + option.replace("_", "-")
+    assert {"clip_weight": "CLIP term weight 4.0", "clip_contrast": "contrastive CLIP term weight 4.0"}[option] in (
+        out / "README.md").read_text()
+    with pytest.raises(BrushworkError, match=f"{flag} needs a full CLIP model"):
         train_gan(GanTrainConfig(data="shapes", text_model=text_model[0], out=tmp_path / "other", size="tiny",
-                                 clip_weight=1.0))
-    with pytest.raises(BrushworkError, match="--clip-weight must be at least 0"):
+                                 **{option: 1.0}))
+    with pytest.raises(BrushworkError, match=f"{flag} must be at least 0"):
         train_gan(GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "other", size="tiny",
-                                 clip_weight=-1.0))
+                                 **{option: -1.0}))
+
+
+def test_the_caption_bank_holds_each_distinct_caption_once(text_model, data):
+    tokenizer = text_model[1]
+    clip = build_clip(SIZES["tiny"], len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    stage = make_stage(text_model, data, clip=clip, clip_contrast=1.0)
+    index, bank = stage.caption_bank(torch.device("cpu"))
+    captions = [data[i]["text"] for i in range(len(data))]
+    assert sorted(index) == sorted(set(captions)) and len(bank) == len(index)
+    for caption in captions[:3]:
+        torch.testing.assert_close(bank[index[caption]], stage.clip_text_embeds([caption], torch.device("cpu"))[0])

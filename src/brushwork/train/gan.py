@@ -8,7 +8,8 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
   weighted by `r1_every`, which saves most of its double backward pass.
 - G: the generator side of the same adversarial loss ("hinge": -D(G(z, t), t); "nonsaturating":
   softplus(-D(G(z, t), t))).
-- Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); real/fake with the caption
+- Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); a contrastive CLIP term (G's
+  image must be nearer its own caption than every other caption of the data set: InfoNCE); real/fake with the caption
   withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
   KL term (G and the encoder E, which the saved GAN leaves out). D may have its own learning rate (`lr_d`).
 
@@ -100,6 +101,17 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Te
     return 1 - F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1).mean()
 
 
+def clip_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, bank_embeds: torch.Tensor,
+                          same_caption: torch.Tensor, scale: float) -> torch.Tensor:
+    """InfoNCE of each image against its own caption (`text_embeds`, one row per image) and the captions of
+    `bank_embeds` [K, D] as negatives, at CLIP's temperature `scale`; `same_caption` [B, K] marks the bank rows
+    that are the image's own caption (left out, so a caption is no negative of itself)."""
+    image = F.normalize(image_embeds.float(), dim=-1)
+    own = scale * (image * F.normalize(text_embeds.float(), dim=-1)).sum(dim=-1, keepdim=True)
+    others = (scale * image @ F.normalize(bank_embeds.float(), dim=-1).T).masked_fill(same_caption, float("-inf"))
+    return -torch.log_softmax(torch.cat([own, others], dim=1), dim=1)[:, 0].mean()
+
+
 def pairwise_distance(images: torch.Tensor) -> torch.Tensor:
     """Mean over pairs of the RMS per-pixel difference between two images of the batch."""
     flat = images.detach().float().flatten(1)
@@ -131,7 +143,7 @@ class GanStage(BaseStage):
                  collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
                  clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
                  encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
-                 d_lr_scale: float = 1.0):
+                 d_lr_scale: float = 1.0, clip_contrast: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -150,8 +162,13 @@ class GanStage(BaseStage):
         self.run_dir = run_dir
         # GALIP's idea, on the model's own CLIP: G is also pulled towards images whose CLIP embedding matches
         # the caption's. The vision tower takes pixels in [-1, 1], as G makes them.
-        self.clip = clip.requires_grad_(False).eval() if clip is not None and clip_weight > 0 else None
+        wants_clip = clip is not None and (clip_weight > 0 or clip_contrast > 0)
+        self.clip = clip.requires_grad_(False).eval() if wants_clip else None
         self.clip_weight = clip_weight if self.clip is not None else 0.0
+        # The similarity alone is satisfied by an image about as near a wrong caption ("a blue circle" for a
+        # wavy "a blue square"); the contrastive term asks for the own caption to win against all the others.
+        self.clip_contrast = clip_contrast if self.clip is not None else 0.0
+        self._caption_bank: tuple[dict[str, int], torch.Tensor] | None = None
         # StackGAN++/AttnGAN's joint loss: D also judges real vs fake with the caption withheld (a zero sentence),
         # so that it learns what real images look like and not only whether they match their captions.
         self.uncond_weight = uncond_weight
@@ -220,6 +237,22 @@ class GanStage(BaseStage):
             self._clip_text_cache.update(zip(missing, embeds.float()))
         return torch.stack([self._clip_text_cache[t] for t in texts])
 
+    def caption_bank(self, device: torch.device) -> tuple[dict[str, int], torch.Tensor]:
+        """The CLIP text embeddings of the data set's distinct captions (the first MAX_CACHED_CAPTIONS), made once."""
+        if self._caption_bank is None:
+            captions = self.data.captions() if hasattr(self.data, "captions") else (
+                self.data[i]["text"] for i in range(len(self.data)))
+            distinct: dict[str, int] = {}
+            for caption in captions:
+                if caption not in distinct:
+                    distinct[caption] = len(distinct)
+                    if len(distinct) == MAX_CACHED_CAPTIONS:
+                        break
+            texts = list(distinct)
+            embeds = torch.cat([self.clip_text_embeds(texts[i:i + 256], device) for i in range(0, len(texts), 256)])
+            self._caption_bank = distinct, embeds
+        return self._caption_bank
+
     def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
         images, texts = batch["pixel_values"], batch["text"]
         device, n = images.device, len(texts)
@@ -256,9 +289,18 @@ class GanStage(BaseStage):
                 pixels = fake if fake.shape[-1] == side else F.interpolate(fake, size=(side, side), mode="bilinear")
                 image_embeds = self.clip.get_image_features(pixel_values=pixels)
                 image_embeds = getattr(image_embeds, "pooler_output", image_embeds)
-                term = clip_loss(image_embeds, self.clip_text_embeds(texts, device))
+                text_embeds = self.clip_text_embeds(texts, device)
+                term = clip_loss(image_embeds, text_embeds)
                 loss = loss + self.clip_weight * term
                 metrics["clip_similarity"] = 1 - term.detach()
+                if self.clip_contrast > 0:
+                    index, bank = self.caption_bank(device)
+                    own = torch.tensor([index.get(t, -1) for t in texts], device=device)
+                    same = own[:, None] == torch.arange(len(bank), device=device)[None, :]
+                    contrast = clip_contrastive_loss(image_embeds, text_embeds, bank.to(device), same,
+                                                     self.clip.logit_scale.exp().item())
+                    loss = loss + self.clip_contrast * contrast
+                    metrics["clip_contrast"] = contrast.detach()
             return loss, metrics
 
         with torch.no_grad():
@@ -323,7 +365,8 @@ class GanStage(BaseStage):
                 "data_size": len(self.data), "clip_weight": self.clip_weight,
                 "text_encoder": self.text_encoder.config.to_diff_dict()} | (
                     {"uncond_weight": self.uncond_weight} if self.uncond_weight else {}) | (
-                    {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {})
+                    {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {}) | (
+                    {"clip_contrast": self.clip_contrast} if self.clip_contrast else {})
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -355,6 +398,7 @@ class GanTrainConfig:
     r1_every: int = 4
     ema_decay: float | None = 0.999
     clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
+    clip_contrast: float = 0.0     # weight of the contrastive CLIP term (own caption against the data's others)
     uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
     recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
     kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
@@ -380,14 +424,16 @@ def _check_folders(config: GanTrainConfig) -> None:
     if missing:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
-    for option, value in (("--clip-weight", config.clip_weight), ("--uncond-weight", config.uncond_weight),
+    for option, value in (("--clip-weight", config.clip_weight), ("--clip-contrast", config.clip_contrast),
+                          ("--uncond-weight", config.uncond_weight),
                           ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
         if value < 0:
             raise BrushworkError(f"{option} must be at least 0, got {value}.")
     if config.lr_d is not None and config.lr_d <= 0:
         raise BrushworkError(f"--lr-d must be above 0, got {config.lr_d}.")
-    if config.clip_weight > 0 and not (text_model / "clip").is_dir():
-        raise BrushworkError(f"--clip-weight needs a full CLIP model in {text_model / 'clip'} (what `brushwork "
+    if (config.clip_weight > 0 or config.clip_contrast > 0) and not (text_model / "clip").is_dir():
+        option = "--clip-weight" if config.clip_weight > 0 else "--clip-contrast"
+        raise BrushworkError(f"{option} needs a full CLIP model in {text_model / 'clip'} (what `brushwork "
                              "train` writes); this model folder has none.")
     if (out / "model_index.json").is_file():
         raise BrushworkError(f"{out} holds a diffusion model; choose a new folder for the GAN with --out.")
@@ -442,7 +488,8 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
 - Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
-  CLIP term weight {facts.get('clip_weight', 0.0)}, caption-withheld term weight {facts.get('uncond_weight', 0.0)},
+  CLIP term weight {facts.get('clip_weight', 0.0)}, contrastive CLIP term weight {facts.get('clip_contrast', 0.0)},
+  caption-withheld term weight {facts.get('uncond_weight', 0.0)},
   reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
@@ -478,14 +525,15 @@ def train_gan(config: GanTrainConfig) -> Path:
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
-    clip = load_clip(text_model / "clip") if config.clip_weight > 0 else None
+    clip = load_clip(text_model / "clip") if config.clip_weight > 0 or config.clip_contrast > 0 else None
     stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
                      r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
                      log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight,
                      uncond_weight=config.uncond_weight, recon_weight=config.recon_weight, kl_weight=config.kl_weight,
                      encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
-                     d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0)
+                     d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0,
+                     clip_contrast=config.clip_contrast)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -514,7 +562,8 @@ def train_gan(config: GanTrainConfig) -> Path:
                  "resolution": generator.config.resolution, "text_model": str(config.text_model), "size": config.size,
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "lr_d": config.lr_d or config.lr,
                  "loss": config.loss,
-                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "uncond_weight": config.uncond_weight,
+                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "clip_contrast": config.clip_contrast,
+                 "uncond_weight": config.uncond_weight,
                  "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
