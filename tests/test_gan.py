@@ -13,13 +13,14 @@ from transformers import CLIPTextModel
 from brushwork.data.captions import all_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
-from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, build_generator, gan_generate,
-                                  is_gan_folder, load_generator, save_generator)
+from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, build_generator,
+                                  build_patch_discriminator, gan_generate, is_gan_folder, load_generator,
+                                  save_generator)
 from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.gan import (GanStage, GanTrainConfig, clip_contrastive_loss, clip_loss, discriminator_loss,
-                                 generator_loss, kl_to_standard_normal, mismatched_order, pairwise_distance, r1_penalty, train_gan,
+                                 generator_loss, kl_to_standard_normal, load_init, mismatched_order, pairwise_distance, r1_penalty, train_gan,
                                  unconditional_loss)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
@@ -259,6 +260,66 @@ def test_resume_is_exact(text_model, data, tmp_path):
     record = json.loads(reference.log_path.read_text().splitlines()[-1])
     for key in ("loss/d", "loss/g", "d/accuracy", "d/diversity", "d/r1", "d/real_logit", "g/fake_logit"):
         assert math.isfinite(record[key]), key
+
+
+def test_the_patch_discriminator_gives_one_logit_per_patch():
+    patch = build_patch_discriminator("small")
+    images = torch.zeros(2, 3, 64, 64)
+    assert patch(images).shape == (2, 16, 16)
+    # a change in one corner moves only the logits of patches that see it: P judges locally
+    changed = images.clone()
+    changed[:, :, :4, :4] = 1.0
+    moved = (patch(changed) - patch(images)).abs().detach()
+    assert moved[:, :3, :3].min() > 0 and moved[:, 6:, 6:].max() == 0
+
+
+def test_patch_discriminator_trains_with_d_and_is_left_out_of_the_gan(text_model, data, tmp_path):
+    stage = make_stage(text_model, data, patch_discriminator=build_patch_discriminator("tiny"), patch_weight=1.0)
+    assert stage.optimizers() == {"d": ["d", "p"], "g": ["g"]}
+    assert stage.fingerprint()["patch_weight"] == 1.0
+    assert "patch_weight" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
+    batch = stage.collate([data[i] for i in range(4)])
+    # G's loss counts P's verdict on its images; D's step trains P on real and G's patches
+    with_term, metrics = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    assert math.isfinite(metrics["patch_fake_logit"])
+    stage.patch_weight = 0.0
+    without, _ = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    assert not torch.isclose(with_term, without)
+    stage.patch_weight = 1.0
+    loss, metrics = stage.loss("d", stage.modules(), batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stage.patch.parameters())
+    assert 0.0 <= metrics["patch_accuracy"] <= 1.0
+    before = {k: v.clone() for k, v in stage.patch.state_dict().items()}
+    result = run(stage, _config(tmp_path / "run", 2))
+    assert (result.checkpoint / "p.safetensors").is_file()
+    assert any(not torch.equal(before[k], v) for k, v in result.modules["p"].state_dict().items())
+    # --init carries P over when the checkpoint has one, and leaves a fresh P fresh when it has none
+    _, _, text_encoder = text_model
+    g, d = build_generator("tiny", text_encoder.config.hidden_size), build_discriminator("tiny", text_encoder.config.hidden_size)
+    fresh = build_patch_discriminator("tiny")
+    load_init(g, d, result.checkpoint, fresh)
+    saved = load_file(result.checkpoint / "p.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+    (result.checkpoint / "p.safetensors").unlink()
+    untouched = build_patch_discriminator("tiny")
+    state = {k: v.clone() for k, v in untouched.state_dict().items()}
+    load_init(g, d, result.checkpoint, untouched)
+    assert all(torch.equal(state[k], v) for k, v in untouched.state_dict().items())
+
+
+def test_train_gan_with_a_patch_discriminator_saves_g_alone(text_model, tmp_path):
+    folder, _, _ = text_model
+    out = train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "gan", size="tiny", steps=2, n=8,
+                                   batch_size=4, sample_every=0, collapse_threshold=0.0, patch_weight=1.0))
+    facts = json.loads((out / "training.json").read_text())
+    assert facts["patch_weight"] == 1.0 and facts["parameters"]["p"] == sum(
+        p.numel() for p in build_patch_discriminator("tiny").parameters())
+    assert "patch discriminator weight 1.0" in (out / "README.md").read_text()
+    assert set(load_file(out / "model.safetensors")) == set(load_generator(out).state_dict())
+    with pytest.raises(BrushworkError, match="--patch-weight must be at least 0"):
+        train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "other", size="tiny",
+                                 patch_weight=-1.0))
 
 
 def test_caption_withheld_terms_train_and_are_logged(text_model, data, tmp_path):

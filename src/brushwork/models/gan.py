@@ -17,6 +17,7 @@ tokenizer/, text_encoder/ (and clip/ when the source model had one).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -60,9 +61,10 @@ class DiscriminatorConfig:
 
 GAN_SIZES: dict[str, dict] = {
     "tiny": dict(g=dict(z_dim=8, style_dim=16, channels=(16, 8, 8, 8), attention_levels=(8,), heads=1),
-                 d=dict(channels=(8, 8, 8, 16), sentence_dim=8), steps=6, batch_size=4),   # 32×32, for tests
+                 d=dict(channels=(8, 8, 8, 16), sentence_dim=8), patch=(8, 8, 8), steps=6, batch_size=4),  # 32×32
     "small": dict(g=dict(z_dim=64, style_dim=128, channels=(256, 128, 64, 32, 16), attention_levels=(8, 16), heads=2),
-                  d=dict(channels=(16, 32, 64, 128, 256), sentence_dim=64), steps=6000, batch_size=32),
+                  d=dict(channels=(16, 32, 64, 128, 256), sentence_dim=64), patch=(32, 64, 64), steps=6000,
+                  batch_size=32),
 }
 
 
@@ -192,6 +194,22 @@ class Discriminator(nn.Module):
         return self.out(joint.flatten(1)).squeeze(1) + projection
 
 
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN: one logit per overlapping patch (about 20×20 px), no caption. It judges local detail
+    (straight edges, sharp corners) that D's single logit, dominated by caption matching, barely sees."""
+
+    def __init__(self, channels: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.LeakyReLU(0.2)]
+        for c_in, c_out in itertools.pairwise(channels):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, 3, padding=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] -> logits [B, R / 2^(len(channels) - 1), same] (higher: a real patch)."""
+        return self.layers(images).squeeze(1)
+
+
 class Encoder(nn.Module):
     """E(image) -> (mean, log variance) of the z that G would make it from (BicycleGAN's cVAE-GAN encoder).
     Used in training only: G learns to rebuild real images from their encodings, which teaches it to draw
@@ -215,6 +233,10 @@ class Encoder(nn.Module):
 
 def build_encoder(size: str, z_dim: int) -> Encoder:
     return Encoder(gan_size(size)["d"]["channels"], z_dim)
+
+
+def build_patch_discriminator(size: str) -> PatchDiscriminator:
+    return PatchDiscriminator(gan_size(size)["patch"])
 
 
 def build_generator(size: str, text_dim: int) -> Generator:

@@ -9,7 +9,9 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
 - G: the generator side of the same adversarial loss ("hinge": -D(G(z, t), t); "nonsaturating":
   softplus(-D(G(z, t), t))).
 - Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); a contrastive CLIP term (G's
-  image must be nearer its own caption than every other caption of the data set: InfoNCE); real/fake with the caption
+  image must be nearer its own caption than every other caption of the data set: InfoNCE); a patch
+  discriminator P (pix2pix's PatchGAN: real/fake per 20×20 px patch, no caption, its own lazy R1; trained in D's
+  step, and left out of the saved GAN); real/fake with the caption
   withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
   KL term (G and the encoder E, which the saved GAN leaves out). D may have its own learning rate (`lr_d`).
 
@@ -42,8 +44,9 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
-from brushwork.models.gan import (Discriminator, Encoder, Generator, build_discriminator, build_encoder,
-                                  build_generator, gan_generate, gan_size, save_generator)
+from brushwork.models.gan import (Discriminator, Encoder, Generator, PatchDiscriminator, build_discriminator,
+                                  build_encoder, build_generator, build_patch_discriminator, gan_generate, gan_size,
+                                  save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
@@ -143,7 +146,8 @@ class GanStage(BaseStage):
                  collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
                  clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
                  encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
-                 d_lr_scale: float = 1.0, clip_contrast: float = 0.0):
+                 d_lr_scale: float = 1.0, clip_contrast: float = 0.0,
+                 patch_discriminator: PatchDiscriminator | None = None, patch_weight: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -178,6 +182,8 @@ class GanStage(BaseStage):
         self.encoder = encoder if encoder is not None and recon_weight > 0 else None
         self.recon_weight = recon_weight if self.encoder is not None else 0.0
         self.kl_weight = kl_weight
+        self.patch = patch_discriminator if patch_discriminator is not None and patch_weight > 0 else None
+        self.patch_weight = patch_weight if self.patch is not None else 0.0
         self.d_lr_scale = d_lr_scale  # D's learning rate over G's (DF-GAN's two time-scale rule: 4)
         self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -185,10 +191,11 @@ class GanStage(BaseStage):
         self._low_intervals = 0
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"d": self.discriminator, "g": self.generator} | ({"e": self.encoder} if self.encoder else {})
+        return {"d": self.discriminator, "g": self.generator} | ({"e": self.encoder} if self.encoder else {}) | (
+            {"p": self.patch} if self.patch else {})
 
     def optimizers(self) -> dict[str, list[str]]:
-        return {"d": ["d"], "g": ["g", "e"] if self.encoder else ["g"]}
+        return {"d": ["d", "p"] if self.patch else ["d"], "g": ["g", "e"] if self.encoder else ["g"]}
 
     def optimizer_options(self) -> dict[str, dict]:
         # GANs train with little or no first-moment momentum (StyleGAN2's and DF-GAN's betas).
@@ -277,6 +284,10 @@ class GanStage(BaseStage):
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
             if self.uncond_weight > 0:
                 loss = loss + self.uncond_weight * generator_loss(uncond_logits, self.loss_kind)
+            if self.patch is not None:
+                patch_logits = modules["p"](fake).float()
+                loss = loss + self.patch_weight * generator_loss(patch_logits, self.loss_kind)
+                metrics["patch_fake_logit"] = patch_logits.detach().mean()
             if self.encoder is not None:
                 reconstruction = (rebuilt.float() - images.float()).abs().mean()
                 kl = kl_to_standard_normal(mean, log_variance)
@@ -325,8 +336,14 @@ class GanStage(BaseStage):
             uncond_real, uncond_fake = logits[3:]
             loss = loss + self.uncond_weight * unconditional_loss(uncond_real, uncond_fake, self.loss_kind)
             metrics["uncond_accuracy"] = ((uncond_real > 0).float().mean() + (uncond_fake < 0).float().mean()) / 2
+        if self.patch is not None:
+            patch_real, patch_fake = modules["p"](torch.cat([real, fake])).float().split(n)
+            loss = loss + self.patch_weight * unconditional_loss(patch_real, patch_fake, self.loss_kind)
+            metrics["patch_accuracy"] = ((patch_real > 0).float().mean() + (patch_fake < 0).float().mean()) / 2
         if with_r1:
-            penalty = r1_penalty(real_logits, real, self.r1_gamma)
+            # with P, one gradient for both: of D's logit plus P's mean patch logit (weighted)
+            scores = real_logits if self.patch is None else real_logits + self.patch_weight * patch_real.mean(dim=(1, 2))
+            penalty = r1_penalty(scores, real, self.r1_gamma)
             loss = loss + self.r1_every * penalty
             metrics["r1"] = penalty.detach()
         if n > 1:
@@ -366,7 +383,8 @@ class GanStage(BaseStage):
                 "text_encoder": self.text_encoder.config.to_diff_dict()} | (
                     {"uncond_weight": self.uncond_weight} if self.uncond_weight else {}) | (
                     {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {}) | (
-                    {"clip_contrast": self.clip_contrast} if self.clip_contrast else {})
+                    {"clip_contrast": self.clip_contrast} if self.clip_contrast else {}) | (
+                    {"patch_weight": self.patch_weight} if self.patch else {})
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -399,6 +417,7 @@ class GanTrainConfig:
     ema_decay: float | None = 0.999
     clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
     clip_contrast: float = 0.0     # weight of the contrastive CLIP term (own caption against the data's others)
+    patch_weight: float = 0.0      # weight of the patch discriminator's terms in D's and G's losses (0: none)
     uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
     recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
     kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
@@ -425,6 +444,7 @@ def _check_folders(config: GanTrainConfig) -> None:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
     for option, value in (("--clip-weight", config.clip_weight), ("--clip-contrast", config.clip_contrast),
+                          ("--patch-weight", config.patch_weight),
                           ("--uncond-weight", config.uncond_weight),
                           ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
         if value < 0:
@@ -455,11 +475,16 @@ def init_checkpoint(path: Path) -> Path:
                          "a run folder with checkpoints/, or a GAN folder with runs/gan/).")
 
 
-def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path) -> None:
-    """G from the checkpoint's EMA weights (its raw ones when it kept no EMA), D from its weights."""
+def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path,
+              patch: PatchDiscriminator | None = None) -> None:
+    """G from the checkpoint's EMA weights (its raw ones when it kept no EMA), D from its weights; a patch
+    discriminator from its weights when the checkpoint has one (else it starts fresh)."""
     g_file = checkpoint / "ema-g.safetensors"
     g_file = g_file if g_file.is_file() else checkpoint / "g.safetensors"
-    for module, file in ((generator, g_file), (discriminator, checkpoint / "d.safetensors")):
+    pairs = [(generator, g_file), (discriminator, checkpoint / "d.safetensors")]
+    if patch is not None and (checkpoint / "p.safetensors").is_file():
+        pairs.append((patch, checkpoint / "p.safetensors"))
+    for module, file in pairs:
         try:
             load_model(module, str(file), strict=True)
         except Exception as error:  # safetensors raises its own types for corrupt files and wrong shapes
@@ -489,7 +514,7 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Text encoder from: `{facts['text_model']}`
 - Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
   CLIP term weight {facts.get('clip_weight', 0.0)}, contrastive CLIP term weight {facts.get('clip_contrast', 0.0)},
-  caption-withheld term weight {facts.get('uncond_weight', 0.0)},
+  patch discriminator weight {facts.get('patch_weight', 0.0)}, caption-withheld term weight {facts.get('uncond_weight', 0.0)},
   reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
@@ -519,9 +544,10 @@ def train_gan(config: GanTrainConfig) -> Path:
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
     text_dim = text_encoder.config.hidden_size
     generator, discriminator = build_generator(config.size, text_dim), build_discriminator(config.size, text_dim)
+    patch = build_patch_discriminator(config.size) if config.patch_weight > 0 else None
     init = init_checkpoint(config.init) if config.init is not None else None
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
-        load_init(generator, discriminator, init)
+        load_init(generator, discriminator, init, patch)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
@@ -533,7 +559,8 @@ def train_gan(config: GanTrainConfig) -> Path:
                      uncond_weight=config.uncond_weight, recon_weight=config.recon_weight, kl_weight=config.kl_weight,
                      encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
                      d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0,
-                     clip_contrast=config.clip_contrast)
+                     clip_contrast=config.clip_contrast, patch_weight=config.patch_weight,
+                     patch_discriminator=patch)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -563,9 +590,11 @@ def train_gan(config: GanTrainConfig) -> Path:
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "lr_d": config.lr_d or config.lr,
                  "loss": config.loss,
                  "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "clip_contrast": config.clip_contrast,
+                 "patch_weight": config.patch_weight,
                  "uncond_weight": config.uncond_weight,
                  "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
-                 "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
+                 "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)} | (
+                     {"p": count_parameters(patch)} if patch is not None else {}),
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
                  "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_facts()}
         if init_facts:
