@@ -121,3 +121,21 @@ def test_bad_input_is_a_clean_error(model_dir, tmp_path, monkeypatch, args, mess
 def test_missing_model_is_a_clean_error(tmp_path):
     result = runner.invoke(app, ["generate", "x", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "model not found" in result.output
+
+
+def test_a_gan_image_records_one_step_and_regenerates_without_warnings(tmp_path):
+    # The shipped GAN: Steps 1 in the PNG, no sampler or CFG scale it did not use, and no warning about
+    # steps unless --steps is given.
+    out = tmp_path / "gan.png"
+    result = CliRunner().invoke(app, ["generate", "a blue square", "--model", "shapes-gan", "--seed", "3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no effect" not in result.output
+    params = read_parameters(out)
+    assert params["steps"] == 1 and "sampler" not in params and "cfg_scale" not in params and params["seed"] == 3
+    again = tmp_path / "again.png"
+    result = CliRunner().invoke(app, ["generate", "--from", str(out), "-o", str(again)])
+    assert result.exit_code == 0 and "no effect" not in result.output, result.output
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(PIL.Image.open(again)))
+    result = CliRunner().invoke(app, ["generate", "a blue square", "--model", "shapes-gan", "--steps", "30",
+                                      "-o", str(tmp_path / "third.png")])
+    assert result.exit_code == 0 and "num_inference_steps has no effect" in result.output, result.output

@@ -117,15 +117,17 @@ class GenerationOutput:
     model_name: str
     model_hash: str
     extra: dict = field(default_factory=dict)
+    one_step: bool = False  # a GAN's images: one step, no sampler, no guidance
 
     def parameters(self, index: int) -> dict[str, Any]:
-        """The generation parameters of image `index`, as pnginfo.format_parameters takes them."""
+        """The generation parameters of image `index`, as pnginfo.format_parameters takes them (a one-step
+        model's images record Steps: 1 and leave out the sampler and CFG scale they did not use)."""
         return {
             "prompt": self.prompts[index],
             "negative_prompt": self.negative_prompts[index],
-            "steps": self.num_inference_steps,
-            "sampler": A1111_SAMPLER_NAMES[self.sampler],
-            "cfg_scale": self.guidance_scale,
+            "steps": 1 if self.one_step else self.num_inference_steps,
+            "sampler": None if self.one_step else A1111_SAMPLER_NAMES[self.sampler],
+            "cfg_scale": None if self.one_step else self.guidance_scale,
             "seed": self.seeds[index],
             "width": self.width,
             "height": self.height,
@@ -748,10 +750,9 @@ class BrushworkPipeline:
         Image k (counting over all prompts, each prompt's images together) uses seed + k, so it equals
         the single image made with that seed. callback_on_step_end(pipe, step, timestep, {"latents": ...})
         may return {"latents": new} to replace them or {"cancel": True} to stop (GenerationCancelled).
-        num_inference_steps defaults to 20; a one-step GAN ignores it and says so once.
+        num_inference_steps defaults to 20; a one-step GAN ignores it and says so once (unless it is 1).
         """
-        if self.model.kind == "gan" and num_inference_steps is not None \
-                and not self._told_steps_unused:
+        if self.model.kind == "gan" and num_inference_steps not in (None, 1) and not self._told_steps_unused:
             warnings.warn("num_inference_steps has no effect: this model is a one-step GAN", stacklevel=2)
             self._told_steps_unused = True
         num_inference_steps = 20 if num_inference_steps is None else num_inference_steps
@@ -789,4 +790,4 @@ class BrushworkPipeline:
             result = list(arrays) if output_type == "np" else [
                 PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
         return GenerationOutput(result, prompts, negatives, seeds, num_inference_steps, float(guidance_scale),
-                                sampler, height, width, self.name, self.model_hash)
+                                sampler, height, width, self.name, self.model_hash, one_step=self.model.kind == "gan")

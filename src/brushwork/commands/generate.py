@@ -87,7 +87,7 @@ def generate(
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="x.png, or a folder for numbered files [default: current folder].")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="Text file with one prompt per line.")] = None,
-    from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG.")] = None,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG, with the shipped model it names unless --model is given.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in the images.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the UNet and VAE decoder: about 2.5-3x faster sampling than eager on a CPU with bf16. The first use of a model at a batch size compiles for 2-3 minutes and is cached; later runs load it in a second.")] = False,
@@ -95,13 +95,15 @@ def generate(
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
     import torch
 
-    from brushwork.pipeline import BrushworkPipeline, GenerationCancelled, resolve_sampler
+    from brushwork.pipeline import BrushworkPipeline, GenerationCancelled, resolve_sampler, shipped_models
     from brushwork.pnginfo import read_parameters, save_png
     from brushwork.watermark import embed
 
     stored: dict = {}
     if from_image is not None:
         stored = read_parameters(from_image)
+        if model is None and stored.get("model") in shipped_models():  # the shipped model that made it
+            model = Path(stored["model"])
     sources = [prompt is not None, prompts_file is not None, from_image is not None]
     if sum(sources) == 0:
         raise BrushworkError("give a prompt, --prompts FILE, or --from IMAGE.png")
@@ -118,7 +120,7 @@ def generate(
         return value if value is not None else stored.get(key, default)
 
     num_images = pick(num_images, "num_images", 1)
-    steps = pick(steps, "steps", 20)
+    steps = pick(steps, "steps", None)  # None: the pipeline's default (a GAN takes none)
     guidance = pick(guidance, "cfg_scale", 5.0)
     sampler = resolve_sampler(pick(sampler, "sampler", "dpm++"))
     negative = pick(negative, "negative_prompt", "")
@@ -145,7 +147,8 @@ def generate(
                         console=console, transient=True)
     with progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        task = progress.add_task("generate", total=len(jobs) * steps)
+        one_step = pipe.model.kind == "gan"  # no per-step callback: the bar moves once per batch
+        task = progress.add_task("generate", total=len(jobs) * (1 if one_step else steps or 20))
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             # Compiled code fits one batch size: a short last batch takes copies (dropped after) rather than
@@ -161,6 +164,8 @@ def generate(
                               callback_on_step_end=advance)
             except GenerationCancelled:
                 break
+            if one_step:
+                progress.advance(task, len(batch))
             for k, image in enumerate(result.images[:len(batch)]):
                 image = image if no_watermark else embed(image)
                 written.append(save_png(image, paths[start + k], result.parameters(k)))
