@@ -20,8 +20,8 @@ from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.gan import (GanStage, GanTrainConfig, clip_contrastive_loss, clip_loss, discriminator_loss,
-                                 generator_loss, kl_to_standard_normal, load_init, mismatched_order, pairwise_distance, r1_penalty, train_gan,
-                                 unconditional_loss)
+                                 generator_loss, kl_to_standard_normal, load_init, mismatched_order, pairwise_distance,
+                                 r1_penalty, train_gan, unconditional_loss)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
 
@@ -296,7 +296,8 @@ def test_patch_discriminator_trains_with_d_and_is_left_out_of_the_gan(text_model
     assert any(not torch.equal(before[k], v) for k, v in result.modules["p"].state_dict().items())
     # --init carries P over when the checkpoint has one, and leaves a fresh P fresh when it has none
     _, _, text_encoder = text_model
-    g, d = build_generator("tiny", text_encoder.config.hidden_size), build_discriminator("tiny", text_encoder.config.hidden_size)
+    text_dim = text_encoder.config.hidden_size
+    g, d = build_generator("tiny", text_dim), build_discriminator("tiny", text_dim)
     fresh = build_patch_discriminator("tiny")
     load_init(g, d, result.checkpoint, fresh)
     saved = load_file(result.checkpoint / "p.safetensors")

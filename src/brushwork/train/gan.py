@@ -10,7 +10,7 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
   softplus(-D(G(z, t), t))).
 - Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); a contrastive CLIP term (G's
   image must be nearer its own caption than every other caption of the data set: InfoNCE); a patch
-  discriminator P (pix2pix's PatchGAN: real/fake per 20×20 px patch, no caption, its own lazy R1; trained in D's
+  discriminator P (pix2pix's PatchGAN: real/fake per 20×20 px patch, no caption, sharing D's lazy R1; trained in D's
   step, and left out of the saved GAN); real/fake with the caption
   withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
   KL term (G and the encoder E, which the saved GAN leaves out). D may have its own learning rate (`lr_d`).
@@ -105,7 +105,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Te
 
 
 def clip_contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, bank_embeds: torch.Tensor,
-                          same_caption: torch.Tensor, scale: float) -> torch.Tensor:
+                          same_caption: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """InfoNCE of each image against its own caption (`text_embeds`, one row per image) and the captions of
     `bank_embeds` [K, D] as negatives, at CLIP's temperature `scale`; `same_caption` [B, K] marks the bank rows
     that are the image's own caption (left out, so a caption is no negative of itself)."""
@@ -308,8 +308,8 @@ class GanStage(BaseStage):
                     index, bank = self.caption_bank(device)
                     own = torch.tensor([index.get(t, -1) for t in texts], device=device)
                     same = own[:, None] == torch.arange(len(bank), device=device)[None, :]
-                    contrast = clip_contrastive_loss(image_embeds, text_embeds, bank.to(device), same,
-                                                     self.clip.logit_scale.exp().item())
+                    contrast = clip_contrastive_loss(image_embeds, text_embeds, bank, same,
+                                                     self.clip.logit_scale.exp())
                     loss = loss + self.clip_contrast * contrast
                     metrics["clip_contrast"] = contrast.detach()
             return loss, metrics
