@@ -5,6 +5,7 @@ from brushwork.data.captions import (
     PromptSpec,
     all_captions,
     all_specs,
+    contradicting_captions,
     format_caption,
     parse_caption,
 )
@@ -93,3 +94,33 @@ def test_format_rejects_specs_outside_the_grammar(spec):
 def test_all_captions_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         all_captions("drawing")
+
+
+def test_contradicting_captions_are_false_of_every_scene_drawn_for_the_caption():
+    from brushwork.data.shapes import generate_scenes
+    from brushwork.eval.checker import check_objects
+
+    scenes = list(generate_scenes(400, seed=3))
+    assert {scene.task for scene in scenes} == {"single", "counting", "two_objects", "position"}
+    for scene in scenes:
+        assert check_objects(scene.objects, parse_caption(scene.caption)).ok
+        near_misses = contradicting_captions(scene.caption)
+        assert near_misses and scene.caption not in near_misses
+        for caption in near_misses:
+            assert not check_objects(scene.objects, parse_caption(caption)).ok, (scene.caption, caption)
+
+
+def test_contradicting_captions_change_one_word_and_leave_out_what_is_still_true():
+    assert contradicting_captions("a blue square") == [
+        "a blue circle", "a blue triangle", "a green square", "a orange square", "a purple square", "a red square",
+        "a yellow square"]
+    small = contradicting_captions("a small red triangle")
+    assert "a large red triangle" in small and "a red triangle" not in small  # a small one is still a red one
+    position = contradicting_captions("a blue triangle left of a orange square")
+    assert {"a blue triangle right of a orange square", "a orange square left of a blue triangle"} <= set(position)
+    assert "a blue triangle and a orange square" not in position
+    both = contradicting_captions("a yellow square and a purple triangle")
+    assert "a purple triangle and a yellow square" not in both  # the same scene, said the other way round
+    assert "a purple square and a purple triangle" not in both  # outside the grammar: two colours differ
+    assert {"two green squares", "four green squares"} <= set(contradicting_captions("three green squares"))
+    assert contradicting_captions("a photo of a cat") == []

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from brushwork.data.captions import all_captions
+from brushwork.data.captions import all_captions, contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, build_generator,
@@ -20,7 +21,7 @@ from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.gan import (GanStage, GanTrainConfig, clip_contrastive_loss, clip_loss, discriminator_loss,
-                                 generator_loss, kl_to_standard_normal, load_init, mismatched_order, pairwise_distance,
+                                 generator_loss, kl_to_standard_normal, load_init, mismatched_captions, mismatched_order, pairwise_distance,
                                  r1_penalty, train_gan, unconditional_loss)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
@@ -115,6 +116,24 @@ def test_mismatched_order_never_pairs_a_caption_with_itself():
         assert sorted(order.tolist()) == [0, 1, 2, 3] and (order != torch.arange(4)).all()
         assert valid.tolist() == [texts[i] != texts[j] for i, j in enumerate(order.tolist())]
     assert not mismatched_order(["a red circle"], torch.Generator()).__getitem__(1).any()
+
+
+def test_mismatched_captions_are_near_misses_at_the_share_asked_for():
+    texts = ["a red circle", "a red circle", "a blue square", "three green triangles", "a photo of a cat"]
+    for seed in range(5):
+        # share 0: exactly the captions of mismatched_order, from the same draws (earlier runs repeat)
+        order, valid = mismatched_order(texts, torch.Generator().manual_seed(seed))
+        wrong, wrong_valid = mismatched_captions(texts, 0.0, torch.Generator().manual_seed(seed))
+        assert wrong == [texts[j] for j in order.tolist()] and torch.equal(wrong_valid, valid)
+        # share 1: every caption of the grammar gets one of its contradictions; the others keep a batch caption
+        wrong, wrong_valid = mismatched_captions(texts, 1.0, torch.Generator().manual_seed(seed))
+        assert all(wrong[i] in contradicting_captions(texts[i]) for i in range(4)) and wrong_valid[:4].all()
+        assert wrong[4] in texts[:4]
+        again = mismatched_captions(texts, 1.0, torch.Generator().manual_seed(seed))
+        assert again[0] == wrong and torch.equal(again[1], wrong_valid)
+    single = ["a blue square"] * 400
+    hard = sum(w != "a blue square" for w in mismatched_captions(single, 0.5, torch.Generator().manual_seed(0))[0])
+    assert 160 < hard < 240  # the rest are the batch's own (equal, so left out as invalid)
 
 
 def test_r1_penalty_by_hand():
@@ -473,6 +492,46 @@ def test_clip_terms_are_logged_recorded_and_need_a_clip(text_model, tmp_path, mo
     with pytest.raises(BrushworkError, match=f"{flag} must be at least 0"):
         train_gan(GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "other", size="tiny",
                                  **{option: -1.0}))
+
+
+def test_hard_negatives_reach_d_resume_exactly_and_are_recorded(text_model, data, tmp_path):
+    stage = make_stage(text_model, data, hard_negatives=1.0)
+    assert stage.fingerprint()["hard_negatives"] == 1.0
+    assert "hard_negatives" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
+    batch = stage.collate([data[i] for i in range(4)])
+    loss, metrics = stage.loss("d", stage.modules(), batch, torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item()) and 0 <= metrics["mismatch_accuracy"] <= 1
+    near_misses = {c for text in batch["text"] for c in contradicting_captions(text)}
+    assert set(stage._text_cache) - set(batch["text"]) <= near_misses  # D saw near misses, encoded for it
+    assert set(stage._text_cache) & near_misses
+    reference = run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "reference", 3))
+    run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "resumed", 1))
+    resumed = run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "resumed", 3, resume=True))
+    for name in ("g", "d"):
+        expected = load_file(reference.checkpoint / f"{name}.safetensors")
+        actual = load_file(resumed.checkpoint / f"{name}.safetensors")
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), name
+
+
+def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_model, tmp_path):
+    folder = text_model[0]
+    small = {"text_model": folder, "size": "tiny", "steps": 1, "n": 8, "batch_size": 4, "sample_every": 0,
+             "collapse_threshold": 0.0}
+    out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "gan", hard_negatives=0.5, **small))
+    assert json.loads((out / "training.json").read_text())["hard_negatives"] == 0.5
+    assert "near-miss share of D's mismatched captions 0.5" in (out / "README.md").read_text()
+    with pytest.raises(BrushworkError, match="--hard-negatives is a share"):
+        train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", hard_negatives=1.5, **small))
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, color in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), color).save(images / f"{i}.png")
+    (images / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a {c} wall"}) + "\n"
+                for i, c in enumerate(("red", "blue"))))
+    with pytest.raises(BrushworkError, match="not in it"):
+        train_gan(GanTrainConfig(data=str(images), out=tmp_path / "third", hard_negatives=0.5,
+                                 **(small | {"n": None, "batch_size": 2})))
 
 
 def test_the_caption_bank_holds_each_distinct_caption_once(text_model, data):

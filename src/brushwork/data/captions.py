@@ -8,12 +8,14 @@ Every caption is lower case and has one of these forms:
     position     a {color} {shape} left of|right of|above|below a {color} {shape}   (two different colours)
 
 `parse_caption` turns a caption into a `PromptSpec` (what an image must hold), `format_caption` is its
-inverse and `all_captions` enumerates the grammar. The vocabulary lives here; the palette (RGB fills)
+inverse, `all_captions` enumerates the grammar and `contradicting_captions` lists the captions that are surely
+false of an image made for a caption (one word changed). The vocabulary lives here; the palette (RGB fills)
 lives in `brushwork.data.shapes`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -150,3 +152,35 @@ def all_specs(task: str | None = None) -> list[PromptSpec]:
 def all_captions(task: str | None = None) -> list[str]:
     """Every caption of the grammar (for one task, or all tasks), sorted."""
     return sorted(format_caption(spec) for spec in all_specs(task))
+
+
+def _replace_object(spec: PromptSpec, index: int, **changes: str) -> PromptSpec:
+    objects = list(spec.objects)
+    objects[index] = dataclasses.replace(objects[index], **changes)
+    return dataclasses.replace(spec, objects=tuple(objects))
+
+
+def contradicting_captions(text: str) -> list[str]:
+    """Captions of the grammar that no image true to `text` can satisfy: one object's shape or colour changed,
+    the size flipped (small <-> large), another count, the opposite relation or the objects swapped around it.
+    Sorted; empty for a caption outside the grammar. "a red square" and "a small red square" do not contradict
+    each other (a small red square is a red square), nor do "A and B" and "B and A", so neither is listed."""
+    try:
+        spec = parse_caption(text)
+    except ValueError:
+        return []
+    candidates = []
+    for index, obj in enumerate(spec.objects):
+        taken = {o.color for i, o in enumerate(spec.objects) if i != index}  # two objects keep distinct colours
+        candidates += [_replace_object(spec, index, shape=shape) for shape in SHAPES if shape != obj.shape]
+        candidates += [_replace_object(spec, index, color=color) for color in COLOR_NAMES
+                       if color != obj.color and color not in taken]
+        if obj.size is not None:
+            candidates.append(_replace_object(spec, index, size=next(s for s in SIZES if s != obj.size)))
+    if spec.task == "counting":
+        candidates += [dataclasses.replace(spec, count=n) for n in COUNT_WORDS.values() if n != spec.count]
+    if spec.task == "position":
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
+        candidates += [dataclasses.replace(spec, relation=opposite),
+                       dataclasses.replace(spec, objects=spec.objects[::-1])]
+    return sorted({format_caption(c) for c in candidates} - {text})

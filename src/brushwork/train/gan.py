@@ -2,7 +2,8 @@
 
 Each optimizer step is a D step, then a G step (the loop's optimizer order):
 - D: adversarial loss on real (matched) images, G's images and real images paired with another caption of
-  the batch (matching-aware, DF-GAN's weights 1, 1/2, 1/2; pairs whose captions are equal are left out),
+  the batch or, for a share `hard_negatives` of them, a one-word near miss of their own caption (matching-aware,
+  DF-GAN's weights 1, 1/2, 1/2; pairs whose captions are equal are left out),
   plus the R1 penalty (gamma/2)·E‖∇ₓD(x, t)‖² on real matched pairs. R1 is lazy (StyleGAN2): it is
   computed on a random 1 in `r1_every` D steps (drawn from the loop's generator, so resume repeats it) and
   weighted by `r1_every`, which saves most of its double backward pass.
@@ -25,6 +26,7 @@ out nearly constant); the loop stops on NaN.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import shutil
 import time
@@ -41,6 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from brushwork.data.captions import contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
@@ -132,6 +135,24 @@ def mismatched_order(texts: list[str], generator: torch.Generator) -> tuple[torc
     return order, valid
 
 
+def mismatched_captions(texts: list[str], hard_fraction: float, generator: torch.Generator
+                        ) -> tuple[list[str], torch.Tensor]:
+    """A wrong caption for each real image and which of them really differ: the caption of another image of the
+    batch (mismatched_order), or with probability `hard_fraction`, where the caption is in the shapes grammar, a
+    random one of its contradicting captions (one word changed: the near misses D must learn to tell apart)."""
+    order, valid = mismatched_order(texts, generator)
+    wrong = [texts[j] for j in order.tolist()] if len(texts) > 1 else list(texts)
+    if hard_fraction <= 0:
+        return wrong, valid
+    draws = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
+    picks = torch.randint(0, 2**31 - 1, (len(texts),), generator=generator, device=generator.device).tolist()
+    valid = valid.clone()
+    for i, text in enumerate(texts):
+        if draws[i] < hard_fraction and (near_misses := contradicting_captions(text)):
+            wrong[i], valid[i] = near_misses[picks[i] % len(near_misses)], True
+    return wrong, valid
+
+
 # ---- stage --------------------------------------------------------------------------------------
 
 
@@ -147,7 +168,8 @@ class GanStage(BaseStage):
                  clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
                  encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
                  d_lr_scale: float = 1.0, clip_contrast: float = 0.0,
-                 patch_discriminator: PatchDiscriminator | None = None, patch_weight: float = 0.0):
+                 patch_discriminator: PatchDiscriminator | None = None, patch_weight: float = 0.0,
+                 hard_negatives: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -184,6 +206,9 @@ class GanStage(BaseStage):
         self.kl_weight = kl_weight
         self.patch = patch_discriminator if patch_discriminator is not None and patch_weight > 0 else None
         self.patch_weight = patch_weight if self.patch is not None else 0.0
+        # Random mismatches mostly differ in colour, so D can match captions by colour alone and G's wrong shapes
+        # go unpunished; near misses ("a blue circle" for a blue square) make D check every word.
+        self.hard_negatives = hard_negatives
         self.d_lr_scale = d_lr_scale  # D's learning rate over G's (DF-GAN's two time-scale rule: 4)
         self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -316,14 +341,15 @@ class GanStage(BaseStage):
 
         with torch.no_grad():
             fake = modules["g"](z, sentence, words, mask)
-        order, valid = mismatched_order(texts, generator)
+        wrong_texts, valid = mismatched_captions(texts, self.hard_negatives, generator)
+        wrong_sentence = self.text_features(wrong_texts, device)[0]
         lazy_r1 = float(torch.rand((), generator=generator, device=generator.device)) < 1 / self.r1_every
         with_r1 = self.r1_gamma > 0 and lazy_r1
         real = images.detach().requires_grad_(with_r1)
         # One D call on [real | real with another caption | fake (| real, fake without caption)]: DDP expects
         # one forward per backward.
         fake = fake.to(images.dtype)
-        batch_images, batch_sentences = [real, images, fake], [sentence, sentence[order.to(device)], sentence]
+        batch_images, batch_sentences = [real, images, fake], [sentence, wrong_sentence, sentence]
         if self.uncond_weight > 0:
             batch_images, batch_sentences = batch_images + [images, fake], batch_sentences + [null, null]
         logits = modules["d"](torch.cat(batch_images), torch.cat(batch_sentences)).float().split(n)
@@ -384,7 +410,8 @@ class GanStage(BaseStage):
                     {"uncond_weight": self.uncond_weight} if self.uncond_weight else {}) | (
                     {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {}) | (
                     {"clip_contrast": self.clip_contrast} if self.clip_contrast else {}) | (
-                    {"patch_weight": self.patch_weight} if self.patch else {})
+                    {"patch_weight": self.patch_weight} if self.patch else {}) | (
+                    {"hard_negatives": self.hard_negatives} if self.hard_negatives else {})
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -418,6 +445,7 @@ class GanTrainConfig:
     clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
     clip_contrast: float = 0.0     # weight of the contrastive CLIP term (own caption against the data's others)
     patch_weight: float = 0.0      # weight of the patch discriminator's terms in D's and G's losses (0: none)
+    hard_negatives: float = 0.0    # share of D's mismatched captions that are near misses (shapes grammar only)
     uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
     recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
     kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
@@ -449,6 +477,9 @@ def _check_folders(config: GanTrainConfig) -> None:
                           ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
         if value < 0:
             raise BrushworkError(f"{option} must be at least 0, got {value}.")
+    if not 0 <= config.hard_negatives <= 1:
+        raise BrushworkError(f"--hard-negatives is a share of the mismatched captions, from 0 to 1; got "
+                             f"{config.hard_negatives}.")
     if config.lr_d is not None and config.lr_d <= 0:
         raise BrushworkError(f"--lr-d must be above 0, got {config.lr_d}.")
     if (config.clip_weight > 0 or config.clip_contrast > 0) and not (text_model / "clip").is_dir():
@@ -514,7 +545,8 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Text encoder from: `{facts['text_model']}`
 - Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
   CLIP term weight {facts.get('clip_weight', 0.0)}, contrastive CLIP term weight {facts.get('clip_contrast', 0.0)},
-  patch discriminator weight {facts.get('patch_weight', 0.0)}, caption-withheld term weight {facts.get('uncond_weight', 0.0)},
+  patch discriminator weight {facts.get('patch_weight', 0.0)}, near-miss share of D's mismatched captions {facts.get('hard_negatives', 0.0)},
+  caption-withheld term weight {facts.get('uncond_weight', 0.0)},
   reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
@@ -549,6 +581,9 @@ def train_gan(config: GanTrainConfig) -> Path:
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init, patch)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
+    if config.hard_negatives > 0 and not any(map(contradicting_captions, itertools.islice(data.captions(), 64))):
+        raise BrushworkError("--hard-negatives changes one word of captions in the shapes grammar (\"a blue circle\" "
+                             f"for \"a blue square\"); the captions of {config.data} are not in it. Leave it at 0.")
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
     clip = load_clip(text_model / "clip") if config.clip_weight > 0 or config.clip_contrast > 0 else None
@@ -560,7 +595,7 @@ def train_gan(config: GanTrainConfig) -> Path:
                      encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
                      d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0,
                      clip_contrast=config.clip_contrast, patch_weight=config.patch_weight,
-                     patch_discriminator=patch)
+                     patch_discriminator=patch, hard_negatives=config.hard_negatives)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -590,7 +625,7 @@ def train_gan(config: GanTrainConfig) -> Path:
                  "steps": result.step, "batch_size": batch_size, "lr": config.lr, "lr_d": config.lr_d or config.lr,
                  "loss": config.loss,
                  "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "clip_contrast": config.clip_contrast,
-                 "patch_weight": config.patch_weight,
+                 "patch_weight": config.patch_weight, "hard_negatives": config.hard_negatives,
                  "uncond_weight": config.uncond_weight,
                  "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)} | (
