@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
@@ -513,6 +514,42 @@ def test_hard_negatives_reach_d_resume_exactly_and_are_recorded(text_model, data
         assert all(torch.equal(expected[k], actual[k]) for k in expected), name
 
 
+def test_near_miss_ranking_term_ranks_own_caption_above_a_near_miss(text_model, data):
+    stage = make_stage(text_model, data, near_miss_weight=1.0)
+    assert stage.fingerprint()["near_miss_weight"] == 1.0
+    assert "near_miss_weight" not in make_stage(text_model, data).fingerprint()
+    batch = stage.collate([data[i] for i in range(4)])
+    calls = []
+    d_call = stage.discriminator.forward
+
+    def recording(images, sentence):
+        calls.append((sentence, d_call(images, sentence)))
+        return calls[-1][1]
+
+    stage.discriminator.forward = recording
+    try:
+        with_term, metrics = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    finally:
+        del stage.discriminator.forward
+    # one D call on [G's images | G's images]: their own captions, then a near miss of each
+    (sentences, logits), = calls
+    own, near = sentences.split(4)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(own, stage.text_features(batch["text"], cpu)[0])
+    for text, row in zip(batch["text"], near):
+        options = stage.text_features(contradicting_captions(text), cpu)[0]
+        assert any(torch.equal(row, option) for option in options), text
+    margin = (logits[:4] - logits[4:]).float().detach()
+    assert metrics["near_miss_margin"].item() == pytest.approx(margin.mean().item(), abs=1e-6)
+    stage.near_miss_weight = 0.5
+    half, _ = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    stage.near_miss_weight = 0.0
+    without, _ = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
+    # the same G images (z is drawn first); the term is softplus(-(D(own) - D(near miss))), log 2 at no margin
+    assert (with_term - without).item() == pytest.approx(F.softplus(-margin).mean().item(), abs=1e-5)
+    assert (half - without).item() == pytest.approx(0.5 * F.softplus(-margin).mean().item(), abs=1e-5)
+
+
 def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_model, tmp_path):
     folder = text_model[0]
     small = {"text_model": folder, "size": "tiny", "steps": 1, "n": 8, "batch_size": 4, "sample_every": 0,
@@ -520,6 +557,12 @@ def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_mod
     out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "gan", hard_negatives=0.5, **small))
     assert json.loads((out / "training.json").read_text())["hard_negatives"] == 0.5
     assert "near-miss share of D's mismatched captions 0.5" in (out / "README.md").read_text()
+    out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "ranked", near_miss_weight=2.0, log_every=1, **small))
+    assert json.loads((out / "training.json").read_text())["near_miss_weight"] == 2.0
+    logged = json.loads((out / "runs" / "gan" / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(logged["g/near_miss_margin"])
+    with pytest.raises(BrushworkError, match="--near-miss-weight must be at least 0"):
+        train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", near_miss_weight=-1.0, **small))
     with pytest.raises(BrushworkError, match="--hard-negatives is a share"):
         train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", hard_negatives=1.5, **small))
     images = tmp_path / "photos"
@@ -529,9 +572,10 @@ def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_mod
     (images / "metadata.jsonl").write_text(
         "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a {c} wall"}) + "\n"
                 for i, c in enumerate(("red", "blue"))))
-    with pytest.raises(BrushworkError, match="not in it"):
-        train_gan(GanTrainConfig(data=str(images), out=tmp_path / "third", hard_negatives=0.5,
-                                 **(small | {"n": None, "batch_size": 2})))
+    for option in ("hard_negatives", "near_miss_weight"):
+        with pytest.raises(BrushworkError, match="--" + option.replace("_", "-") + " changes one word.*not in it"):
+            train_gan(GanTrainConfig(data=str(images), out=tmp_path / "third", **{option: 0.5},
+                                     **(small | {"n": None, "batch_size": 2})))
 
 
 def test_the_caption_bank_holds_each_distinct_caption_once(text_model, data):

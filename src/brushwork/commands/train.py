@@ -153,6 +153,7 @@ R1Every = Annotated[int, typer.Option("--r1-every", help="Compute R1 on 1 in thi
 ClipWeight = Annotated[float, typer.Option("--clip-weight", help="Weight of a CLIP image-text similarity term in G's loss (GALIP); uses MODEL's clip/. 0 turns it off.")]
 ClipContrast = Annotated[float, typer.Option("--clip-contrast", help="Weight of a contrastive CLIP term in G's loss: each image must be nearer its own caption than every other caption of the data set (InfoNCE); uses MODEL's clip/. 0 turns it off.")]
 HardNegatives = Annotated[float, typer.Option("--hard-negatives", help="Share (0-1) of D's mismatched captions that are near misses, one word changed (\"a blue circle\" for a blue square), instead of another image's caption, so that D checks shape as well as colour. Shapes captions only. 0: none.")]
+NearMissWeight = Annotated[float, typer.Option("--near-miss-weight", help="Weight of a ranking term in G's loss: D must rate G's image higher with its own caption than with a near miss (one word changed). Shapes captions only. 0: none.")]
 PatchWeight = Annotated[float, typer.Option("--patch-weight", help="Weight of a patch discriminator (pix2pix's PatchGAN: real/fake per 20x20 px patch, no caption) in D's and G's losses: a local signal for crisp edges and corners. 0: none.")]
 CollapseThreshold = Annotated[float, typer.Option("--collapse-threshold", help="Stop when G's sample diversity (1.0 = as varied as real images) stays below this; 0 turns the watch off.")]
 CollapsePatience = Annotated[int, typer.Option("--collapse-patience", help="Consecutive log intervals below the threshold before stopping.")]
@@ -168,7 +169,7 @@ CollapseAfter = Annotated[int, typer.Option("--collapse-after", help="Steps befo
 def gan(
     ctx: typer.Context, data: Data = None, model: TextModel = None, out: Out = None, size: GanSize = "small",
     steps: GanSteps = None, batch_size: BatchSize = None, n: Count = None, lr: GanLr = 2e-4, lr_d: GanLrD = None, loss: GanLoss = "hinge",
-    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, clip_weight: ClipWeight = 0.0, clip_contrast: ClipContrast = 0.0, patch_weight: PatchWeight = 0.0, hard_negatives: HardNegatives = 0.0,
+    r1_gamma: R1Gamma = 1.0, r1_every: R1Every = 4, clip_weight: ClipWeight = 0.0, clip_contrast: ClipContrast = 0.0, patch_weight: PatchWeight = 0.0, hard_negatives: HardNegatives = 0.0, near_miss_weight: NearMissWeight = 0.0,
     uncond_weight: UncondWeight = 0.0,
     recon_weight: ReconWeight = 0.0, kl_weight: KlWeight = 0.01, ema_decay: EmaDecay = 0.999,
     collapse_threshold: CollapseThreshold = 0.05, collapse_patience: CollapsePatience = 5,
@@ -182,7 +183,7 @@ def gan(
                              "--model my-model --out my-gan")
     config = GanTrainConfig(
         data=data, text_model=model, out=out, size=size, steps=steps, batch_size=batch_size, n=n, lr=lr, lr_d=lr_d, loss=loss,
-        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, clip_contrast=clip_contrast, patch_weight=patch_weight, hard_negatives=hard_negatives,
+        r1_gamma=r1_gamma, r1_every=r1_every, clip_weight=clip_weight, clip_contrast=clip_contrast, patch_weight=patch_weight, hard_negatives=hard_negatives, near_miss_weight=near_miss_weight,
         uncond_weight=uncond_weight,
         recon_weight=recon_weight, kl_weight=kl_weight, ema_decay=ema_decay or None,
         collapse_threshold=collapse_threshold, collapse_patience=collapse_patience, collapse_after=collapse_after, work=work, resume=resume, seed=seed,

@@ -10,7 +10,8 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
 - G: the generator side of the same adversarial loss ("hinge": -D(G(z, t), t); "nonsaturating":
   softplus(-D(G(z, t), t))).
 - Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); a contrastive CLIP term (G's
-  image must be nearer its own caption than every other caption of the data set: InfoNCE); a patch
+  image must be nearer its own caption than every other caption of the data set: InfoNCE); a ranking of D's
+  verdicts (G's image must score higher with its own caption than with a near miss of it); a patch
   discriminator P (pix2pix's PatchGAN: real/fake per 20×20 px patch, no caption, sharing D's lazy R1; trained in D's
   step, and left out of the saved GAN); real/fake with the caption
   withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
@@ -169,7 +170,7 @@ class GanStage(BaseStage):
                  encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
                  d_lr_scale: float = 1.0, clip_contrast: float = 0.0,
                  patch_discriminator: PatchDiscriminator | None = None, patch_weight: float = 0.0,
-                 hard_negatives: float = 0.0):
+                 hard_negatives: float = 0.0, near_miss_weight: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -209,6 +210,9 @@ class GanStage(BaseStage):
         # Random mismatches mostly differ in colour, so D can match captions by colour alone and G's wrong shapes
         # go unpunished; near misses ("a blue circle" for a blue square) make D check every word.
         self.hard_negatives = hard_negatives
+        # The same near misses on G's side: D must rate G's image higher with its own caption than with a near miss
+        # (a ranking, so that D's realism verdict, the same for both, cancels out).
+        self.near_miss_weight = near_miss_weight
         self.d_lr_scale = d_lr_scale  # D's learning rate over G's (DF-GAN's two time-scale rule: 4)
         self._clip_text_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -301,14 +305,19 @@ class GanStage(BaseStage):
                 fake, rebuilt = both.split(n)
             else:
                 fake = modules["g"](z, sentence, words, mask)
-            if self.uncond_weight > 0:
-                fake_logits, uncond_logits = modules["d"](torch.cat([fake, fake]),
-                                                          torch.cat([sentence, null])).float().split(n)
-            else:
-                fake_logits = modules["d"](fake, sentence).float()
+            conditions = [sentence] + ([null] if self.uncond_weight > 0 else [])
+            if self.near_miss_weight > 0:
+                near_texts, near_valid = mismatched_captions(texts, 1.0, generator)
+                conditions.append(self.text_features(near_texts, device)[0])
+            logits = modules["d"](torch.cat([fake] * len(conditions)), torch.cat(conditions)).float().split(n)
+            fake_logits = logits[0]
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
             if self.uncond_weight > 0:
-                loss = loss + self.uncond_weight * generator_loss(uncond_logits, self.loss_kind)
+                loss = loss + self.uncond_weight * generator_loss(logits[1], self.loss_kind)
+            if self.near_miss_weight > 0:
+                margin = fake_logits - logits[-1]
+                loss = loss + self.near_miss_weight * _masked_mean(F.softplus(-margin), near_valid.to(device))
+                metrics["near_miss_margin"] = _masked_mean(margin.detach(), near_valid.to(device))
             if self.patch is not None:
                 patch_logits = modules["p"](fake).float()
                 loss = loss + self.patch_weight * generator_loss(patch_logits, self.loss_kind)
@@ -411,7 +420,8 @@ class GanStage(BaseStage):
                     {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {}) | (
                     {"clip_contrast": self.clip_contrast} if self.clip_contrast else {}) | (
                     {"patch_weight": self.patch_weight} if self.patch else {}) | (
-                    {"hard_negatives": self.hard_negatives} if self.hard_negatives else {})
+                    {"hard_negatives": self.hard_negatives} if self.hard_negatives else {}) | (
+                    {"near_miss_weight": self.near_miss_weight} if self.near_miss_weight else {})
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -446,6 +456,7 @@ class GanTrainConfig:
     clip_contrast: float = 0.0     # weight of the contrastive CLIP term (own caption against the data's others)
     patch_weight: float = 0.0      # weight of the patch discriminator's terms in D's and G's losses (0: none)
     hard_negatives: float = 0.0    # share of D's mismatched captions that are near misses (shapes grammar only)
+    near_miss_weight: float = 0.0  # weight of G's ranking term: D(G's image, caption) above D(it, a near miss)
     uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
     recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
     kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
@@ -472,7 +483,7 @@ def _check_folders(config: GanTrainConfig) -> None:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
     for option, value in (("--clip-weight", config.clip_weight), ("--clip-contrast", config.clip_contrast),
-                          ("--patch-weight", config.patch_weight),
+                          ("--patch-weight", config.patch_weight), ("--near-miss-weight", config.near_miss_weight),
                           ("--uncond-weight", config.uncond_weight),
                           ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
         if value < 0:
@@ -546,6 +557,7 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
   CLIP term weight {facts.get('clip_weight', 0.0)}, contrastive CLIP term weight {facts.get('clip_contrast', 0.0)},
   patch discriminator weight {facts.get('patch_weight', 0.0)}, near-miss share of D's mismatched captions {facts.get('hard_negatives', 0.0)},
+  near-miss ranking weight {facts.get('near_miss_weight', 0.0)},
   caption-withheld term weight {facts.get('uncond_weight', 0.0)},
   reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
@@ -581,8 +593,9 @@ def train_gan(config: GanTrainConfig) -> Path:
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init, patch)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
-    if config.hard_negatives > 0 and not any(map(contradicting_captions, itertools.islice(data.captions(), 64))):
-        raise BrushworkError("--hard-negatives changes one word of captions in the shapes grammar (\"a blue circle\" "
+    if (config.hard_negatives > 0 or config.near_miss_weight > 0) and not any(map(contradicting_captions, itertools.islice(data.captions(), 64))):
+        option = "--hard-negatives" if config.hard_negatives > 0 else "--near-miss-weight"
+        raise BrushworkError(f"{option} changes one word of captions in the shapes grammar (\"a blue circle\" "
                              f"for \"a blue square\"); the captions of {config.data} are not in it. Leave it at 0.")
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
@@ -595,7 +608,8 @@ def train_gan(config: GanTrainConfig) -> Path:
                      encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
                      d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0,
                      clip_contrast=config.clip_contrast, patch_weight=config.patch_weight,
-                     patch_discriminator=patch, hard_negatives=config.hard_negatives)
+                     patch_discriminator=patch, hard_negatives=config.hard_negatives,
+                     near_miss_weight=config.near_miss_weight)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
@@ -626,6 +640,7 @@ def train_gan(config: GanTrainConfig) -> Path:
                  "loss": config.loss,
                  "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "clip_contrast": config.clip_contrast,
                  "patch_weight": config.patch_weight, "hard_negatives": config.hard_negatives,
+                 "near_miss_weight": config.near_miss_weight,
                  "uncond_weight": config.uncond_weight,
                  "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)} | (
