@@ -6,6 +6,7 @@ from brushwork.data.captions import (
     all_captions,
     all_specs,
     contradicting_captions,
+    contradictions_by_kind,
     format_caption,
     parse_caption,
 )
@@ -124,3 +125,17 @@ def test_contradicting_captions_change_one_word_and_leave_out_what_is_still_true
     assert "a purple square and a purple triangle" not in both  # outside the grammar: two colours differ
     assert {"two green squares", "four green squares"} <= set(contradicting_captions("three green squares"))
     assert contradicting_captions("a photo of a cat") == []
+
+
+def test_contradictions_by_kind_group_the_near_misses_by_what_changed():
+    kinds = contradictions_by_kind("a small red triangle")
+    assert kinds == {"shape": ["a small red circle", "a small red square"],
+                     "color": [f"a small {c} triangle" for c in ("blue", "green", "orange", "purple", "yellow")],
+                     "size": ["a large red triangle"]}
+    assert set(contradictions_by_kind("two red circles")) == {"shape", "color", "count"}
+    assert contradictions_by_kind("a red circle above a blue square")["relation"] == [
+        "a blue square above a red circle", "a red circle below a blue square"]
+    for caption in ("a blue square", "three green squares", "a yellow square and a purple triangle"):
+        assert sorted(c for group in contradictions_by_kind(caption).values() for c in group) == (
+            contradicting_captions(caption))
+    assert contradictions_by_kind("a photo of a cat") == {}

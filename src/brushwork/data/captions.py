@@ -165,22 +165,29 @@ def contradicting_captions(text: str) -> list[str]:
     the size flipped (small <-> large), another count, the opposite relation or the objects swapped around it.
     Sorted; empty for a caption outside the grammar. "a red square" and "a small red square" do not contradict
     each other (a small red square is a red square), nor do "A and B" and "B and A", so neither is listed."""
+    return sorted({caption for captions in contradictions_by_kind(text).values() for caption in captions})
+
+
+def contradictions_by_kind(text: str) -> dict[str, list[str]]:
+    """contradicting_captions grouped by what changed: "shape", "color", "size", "count", "relation" (the opposite
+    relation, or the objects swapped around it); kinds with no caption are left out."""
     try:
         spec = parse_caption(text)
     except ValueError:
-        return []
-    candidates = []
+        return {}
+    kinds: dict[str, list[PromptSpec]] = {"shape": [], "color": [], "size": [], "count": [], "relation": []}
     for index, obj in enumerate(spec.objects):
         taken = {o.color for i, o in enumerate(spec.objects) if i != index}  # two objects keep distinct colours
-        candidates += [_replace_object(spec, index, shape=shape) for shape in SHAPES if shape != obj.shape]
-        candidates += [_replace_object(spec, index, color=color) for color in COLOR_NAMES
-                       if color != obj.color and color not in taken]
+        kinds["shape"] += [_replace_object(spec, index, shape=shape) for shape in SHAPES if shape != obj.shape]
+        kinds["color"] += [_replace_object(spec, index, color=color) for color in COLOR_NAMES
+                           if color != obj.color and color not in taken]
         if obj.size is not None:
-            candidates.append(_replace_object(spec, index, size=next(s for s in SIZES if s != obj.size)))
+            kinds["size"].append(_replace_object(spec, index, size=next(s for s in SIZES if s != obj.size)))
     if spec.task == "counting":
-        candidates += [dataclasses.replace(spec, count=n) for n in COUNT_WORDS.values() if n != spec.count]
+        kinds["count"] = [dataclasses.replace(spec, count=n) for n in COUNT_WORDS.values() if n != spec.count]
     if spec.task == "position":
         opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
-        candidates += [dataclasses.replace(spec, relation=opposite),
-                       dataclasses.replace(spec, objects=spec.objects[::-1])]
-    return sorted({format_caption(c) for c in candidates} - {text})
+        kinds["relation"] = [dataclasses.replace(spec, relation=opposite),
+                             dataclasses.replace(spec, objects=spec.objects[::-1])]
+    grouped = {kind: sorted({format_caption(c) for c in specs} - {text}) for kind, specs in kinds.items()}
+    return {kind: captions for kind, captions in grouped.items() if captions}

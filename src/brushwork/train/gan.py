@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradicting_captions
+from brushwork.data.captions import contradicting_captions, contradictions_by_kind
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
@@ -140,17 +140,19 @@ def mismatched_captions(texts: list[str], hard_fraction: float, generator: torch
                         ) -> tuple[list[str], torch.Tensor]:
     """A wrong caption for each real image and which of them really differ: the caption of another image of the
     batch (mismatched_order), or with probability `hard_fraction`, where the caption is in the shapes grammar, a
-    random one of its contradicting captions (one word changed: the near misses D must learn to tell apart)."""
+    near miss: what changes (shape, colour, size, count, relation) drawn first, then one caption of that kind, so
+    that the many colour changes do not crowd out the few shape changes D most needs to see."""
     order, valid = mismatched_order(texts, generator)
     wrong = [texts[j] for j in order.tolist()] if len(texts) > 1 else list(texts)
     if hard_fraction <= 0:
         return wrong, valid
     draws = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
-    picks = torch.randint(0, 2**31 - 1, (len(texts),), generator=generator, device=generator.device).tolist()
+    picks = torch.randint(0, 2**31 - 1, (len(texts), 2), generator=generator, device=generator.device).tolist()
     valid = valid.clone()
     for i, text in enumerate(texts):
-        if draws[i] < hard_fraction and (near_misses := contradicting_captions(text)):
-            wrong[i], valid[i] = near_misses[picks[i] % len(near_misses)], True
+        if draws[i] < hard_fraction and (kinds := list(contradictions_by_kind(text).values())):
+            near_misses = kinds[picks[i][0] % len(kinds)]
+            wrong[i], valid[i] = near_misses[picks[i][1] % len(near_misses)], True
     return wrong, valid
 
 
