@@ -10,20 +10,43 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 from transformers import CLIPTextModel
 
 from brushwork.data.captions import all_captions, contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
-from brushwork.models.gan import (GanModel, build_discriminator, build_encoder, build_generator,
-                                  build_patch_discriminator, gan_generate, is_gan_folder, load_generator,
-                                  save_generator)
+from brushwork.models.gan import (
+    GanModel,
+    WordAttention,
+    build_discriminator,
+    build_encoder,
+    build_generator,
+    build_patch_discriminator,
+    gan_generate,
+    is_gan_folder,
+    load_generator,
+    save_generator,
+)
 from brushwork.models.sizes import SIZES, build_clip
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.gan import (GanStage, GanTrainConfig, clip_contrastive_loss, clip_loss, discriminator_loss,
-                                 generator_loss, kl_to_standard_normal, load_init, mismatched_captions, mismatched_order, pairwise_distance,
-                                 r1_penalty, train_gan, unconditional_loss)
+from brushwork.train.gan import (
+    GanStage,
+    GanTrainConfig,
+    clip_contrastive_loss,
+    clip_loss,
+    discriminator_loss,
+    generator_loss,
+    kl_to_standard_normal,
+    load_init,
+    mismatched_captions,
+    mismatched_order,
+    pairwise_distance,
+    r1_penalty,
+    train_gan,
+    unconditional_loss,
+)
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
 
@@ -229,6 +252,20 @@ def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_word_attention_is_multihead_attention_on_its_weights():
+    torch.manual_seed(0)
+    layer = WordAttention(64, 96, heads=2).eval()
+    nn.init.normal_(layer.attention.out_proj.weight)  # zero at init, which would hide any difference
+    nn.init.normal_(layer.attention.in_proj_bias)
+    h, words = torch.randn(3, 64, 16, 16), torch.randn(3, 7, 96)
+    word_mask = torch.arange(7)[None, :] < torch.tensor([[2], [7], [5]])
+    with torch.no_grad():
+        queries = layer.norm(h).flatten(2).transpose(1, 2)
+        expected, _ = layer.attention(queries, words, words, key_padding_mask=~word_mask, need_weights=False)
+        expected = h + expected.transpose(1, 2).reshape(h.shape)
+        torch.testing.assert_close(layer(h, words, word_mask), expected)
+
+
 def test_the_compiled_generator_matches_eager_with_one_package_for_every_prompt_length(text_model, tmp_path,
                                                                                       monkeypatch):
     monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path / "cache"))
