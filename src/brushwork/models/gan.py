@@ -102,8 +102,8 @@ class WordAttention(nn.Module):
 
     def forward(self, h: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         # nn.MultiheadAttention's own forward, spelled out on its weights: with kdim != channels it projects the
-        # queries in a transposed, non-contiguous layout that PyTorch runs as one tiny matmul per pixel (a fifth of
-        # G's time at batch 1 on a CPU).
+        # queries in a transposed, non-contiguous layout that PyTorch runs as one tiny matmul per pixel (a third of
+        # a GAN image's time at batch 1 on a CPU).
         b, c, height, width = h.shape
         attention, heads = self.attention, self.attention.num_heads
         q_bias, k_bias, v_bias = attention.in_proj_bias.chunk(3)
