@@ -378,3 +378,16 @@ def test_serve_command_refuses_bad_setups_before_loading(tmp_path):
     app.command("other")(lambda: None)
     result = CliRunner().invoke(app, ["serve", "--host", "10.0.0.1", "--no-watermark", "--port", "0"])
     assert isinstance(result.exception, BrushworkError) and "--insecure" in str(result.exception)
+
+
+def test_a_gan_is_served_in_one_step_whatever_the_request_asks():
+    gan = BrushworkPipeline.from_pretrained("shapes-gan", device="cpu", dtype=torch.float32)
+    with client_for(gan) as client:  # previews every step: a GAN has no latents to preview
+        assert client.get("/v1/info").json()["defaults"]["steps"] == 1
+        for asked in ({}, {"steps": 7}):
+            response = client.post("/v1/generate", json={"prompt": "a red circle", "seed": 3, **asked})
+            job = wait_done(client, response.json()["id"])
+            assert job["state"] == "succeeded", job
+            assert job["request"]["steps"] == 1 and job["progress"] == {"step": 1, "steps": 1}
+            png = client.get(job["images"][0]["url"]).content
+            assert parse_parameters(PIL.Image.open(io.BytesIO(png)).info["parameters"])["steps"] == 1

@@ -90,6 +90,11 @@ class Service:
                                       timeout=config.timeout, preview_every=config.preview_every,
                                       watermark=config.watermark, keep_finished=config.keep_finished)
 
+    @property
+    def default_steps(self) -> int:
+        """A one-step GAN makes its images in one step whatever a request asks; a diffusion model takes the config's."""
+        return 1 if self.pipe.model.kind == "gan" else self.config.default_steps
+
     def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                     guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
                     width: int | None = None, height: int | None = None) -> JobRequest:
@@ -101,7 +106,7 @@ class Service:
                                 "allow", param="prompt", type="prompt_blocked", kind="blocked")
         return JobRequest(
             prompt=prompt, negative_prompt=negative_prompt,
-            steps=steps if steps is not None else self.config.default_steps,
+            steps=self.default_steps if steps is None or self.pipe.model.kind == "gan" else steps,
             guidance=guidance if guidance is not None else self.config.default_guidance,
             seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
             sampler=resolve_sampler(sampler),

@@ -51,7 +51,7 @@ def info(svc: Service = Depends(service)) -> dict:
         "model": svc.pipe.name,
         "model_hash": svc.pipe.model_hash,
         "default_size": svc.pipe.default_size,
-        "defaults": {"steps": config.default_steps, "guidance": config.default_guidance},
+        "defaults": {"steps": svc.default_steps, "guidance": config.default_guidance},
         "limits": {"steps": schemas.MAX_STEPS, "n": schemas.MAX_IMAGES, "side": schemas.MAX_SIDE,
                    "side_multiple": schemas.SIDE_MULTIPLE, "guidance": schemas.MAX_GUIDANCE,
                    "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED},
