@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPTextModel
@@ -591,7 +590,7 @@ def test_near_miss_ranking_term_ranks_own_caption_above_a_near_miss(text_model, 
     assert (half - without).item() == pytest.approx(0.5 * F.softplus(-margin).mean().item(), abs=1e-5)
 
 
-def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_model, tmp_path):
+def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_model, tmp_path, photo_folder):
     folder = text_model[0]
     small = {"text_model": folder, "size": "tiny", "steps": 1, "n": 8, "batch_size": 4, "sample_every": 0,
              "collapse_threshold": 0.0}
@@ -606,16 +605,9 @@ def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_mod
         train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", near_miss_weight=-1.0, **small))
     with pytest.raises(BrushworkError, match="--hard-negatives is a share"):
         train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", hard_negatives=1.5, **small))
-    images = tmp_path / "photos"
-    images.mkdir()
-    for i, color in enumerate(("red", "blue")):
-        Image.new("RGB", (32, 32), color).save(images / f"{i}.png")
-    (images / "metadata.jsonl").write_text(
-        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a {c} wall"}) + "\n"
-                for i, c in enumerate(("red", "blue"))))
     for option in ("hard_negatives", "near_miss_weight"):
         with pytest.raises(BrushworkError, match="--" + option.replace("_", "-") + " changes one word.*not in it"):
-            train_gan(GanTrainConfig(data=str(images), out=tmp_path / "third", **{option: 0.5},
+            train_gan(GanTrainConfig(data=str(photo_folder), out=tmp_path / "third", **{option: 0.5},
                                      **(small | {"n": None, "batch_size": 2})))
 
 

@@ -5,12 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from brushwork.data.captions import all_captions
+from brushwork.data.captions import all_captions, contradictions_by_kind
 from brushwork.data.dataset import open_dataset
+from brushwork.errors import BrushworkError
 from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, run
-from brushwork.train.stages import ClipStage, UnetStage, VaeStage, normalize_latents, text_encoder_from_clip
+from brushwork.train.stages import (NEAR_MISS_MARGIN, NEAR_MISS_SEPARATION, ClipStage, UnetStage, VaeStage,
+                                    near_miss_texts, normalize_latents, text_encoder_from_clip)
 
 SIZE = get_size("tiny")
 
@@ -48,12 +50,73 @@ def test_clip_treats_repeated_captions_as_positives(tokenizer, data):
 
         def forward(self, input_ids, pixel_values):
             same = batch["caption_group"][:, None] == batch["caption_group"][None, :]
-            return SimpleNamespace(logits_per_text=same.float() * 30.0)
+            return SimpleNamespace(logits_per_image=same.float() * 30.0)
 
     loss, metrics = stage.loss("main", {"clip": Oracle()}, batch, torch.Generator())
     # Rows 0 and 2 spread their target over two equal captions: the minimum is the targets' entropy.
     assert loss.item() == pytest.approx(2 / 3 * math.log(2), abs=1e-4)
     assert metrics["accuracy"].item() == 1.0
+
+
+def test_near_miss_texts_draw_one_per_kind_for_a_share_of_the_captions():
+    texts = ["a red circle above a blue square", "two green triangles", "a photo of my cat"]
+    assert near_miss_texts(texts, 0.0, torch.Generator().manual_seed(0)) == ([], [])
+    near_misses, owners = near_miss_texts(texts, 1.0, torch.Generator().manual_seed(0))
+    assert owners == [0, 0, 0, 1, 1, 1]           # shape, colour, relation; shape, colour, count; none for the cat
+    for near_miss, owner in zip(near_misses, owners):
+        assert any(near_miss in captions for captions in contradictions_by_kind(texts[owner]).values())
+    assert {kind for kind, captions in contradictions_by_kind(texts[0]).items()
+            if set(captions) & set(near_misses[:3])} == {"shape", "color", "relation"}
+    assert near_miss_texts(texts, 1.0, torch.Generator().manual_seed(0)) == (near_misses, owners)
+    draws = [near_miss_texts(texts, 1.0, torch.Generator().manual_seed(seed))[0][2] for seed in range(40)]
+    assert len(set(draws)) == 2                   # both relation near misses: the opposite word, and swapped
+    drawn = len(near_miss_texts(texts[:2] * 50, 0.5, torch.Generator().manual_seed(1))[1])
+    assert 100 < drawn < 200                      # about half of the 100 captions, three near misses each
+
+
+def test_clip_near_misses_are_negatives_of_their_image(tokenizer, data):
+    stage = ClipStage(data, tokenizer, build_clip(SIZE, len(tokenizer)), hard_negatives=1.0)
+    items = [data[i] for i in range(4)]
+    batch = stage.collate(items)
+    near_misses, owners = near_miss_texts(batch["texts"], 1.0, torch.Generator().manual_seed(3))
+    seen = {}
+
+    class Oracle(torch.nn.Module):   # own caption 30, the image's near misses `near`, everything else 0
+        logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+        near = 30.0
+        same_text = False            # text embeddings: all equal, or one orthogonal direction per text
+
+        def forward(self, input_ids, pixel_values):
+            seen["columns"] = len(input_ids)
+            logits = torch.zeros(len(pixel_values), len(input_ids))
+            logits[:, :4] = (batch["caption_group"][:, None] == batch["caption_group"][None, :]).float() * 30.0
+            for column, owner in enumerate(owners):
+                logits[owner, 4 + column] = self.near
+            text_embeds = torch.ones(len(input_ids), 1) if self.same_text else torch.eye(len(input_ids))
+            return SimpleNamespace(logits_per_image=logits, text_embeds=text_embeds)
+
+    oracle = Oracle()
+    loss, metrics = stage.loss("main", {"clip": oracle}, batch, torch.Generator().manual_seed(3))
+    assert seen["columns"] == 4 + len(near_misses) and len(near_misses) >= 8
+    groups = batch["caption_group"].tolist()
+    positives = [groups.count(g) for g in groups]
+    misses = [owners.count(i) for i in range(4)]
+    # image -> caption: the target's mass shared with as many near misses scored as high; caption -> image: entropy
+    expected = (sum(math.log(p + m) for p, m in zip(positives, misses)) / 4 + sum(math.log(p) for p in positives) / 4) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert metrics["near_miss_accuracy"].item() == 0.0 and metrics["near_miss_cosine"].item() == 0.0
+    oracle.same_text = True          # the text tower cannot tell a caption from its near misses: hinge 1 - 0.8
+    separated = loss.item()
+    loss, metrics = stage.loss("main", {"clip": oracle}, batch, torch.Generator().manual_seed(3))
+    assert loss.item() == pytest.approx(separated + NEAR_MISS_SEPARATION * (1 - NEAR_MISS_MARGIN), abs=1e-4)
+    assert metrics["near_miss_cosine"].item() == pytest.approx(1.0)
+    oracle.near = 29.0
+    loss, metrics = stage.loss("main", {"clip": oracle}, batch, torch.Generator().manual_seed(3))
+    assert metrics["near_miss_accuracy"].item() == 1.0
+    assert stage.fingerprint()["hard_negatives"] == 1.0
+    assert "hard_negatives" not in ClipStage(data, tokenizer, build_clip(SIZE, len(tokenizer))).fingerprint()
+    with pytest.raises(BrushworkError, match="near-miss captions must be in"):
+        ClipStage(data, tokenizer, build_clip(SIZE, len(tokenizer)), hard_negatives=1.5)
 
 
 def test_clip_learns_and_clamps_temperature(tokenizer, data, tmp_path):

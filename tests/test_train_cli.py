@@ -165,3 +165,21 @@ def test_fine_tuning_refuses_a_unet_that_does_not_fit(model, tmp_path):
     assert "Traceback" not in result.output
     result = _train("unet", *TINY, "--out", str(out), "--lr", "0")
     assert result.exit_code == 1 and "--lr must be a positive number" in result.output
+
+
+def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_folder):
+    out = tmp_path / "m"
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--hard-negatives", "1")
+    assert result.exit_code == 0, result.output
+    facts = json.loads((out / "training.json").read_text())
+    assert facts["stages"]["clip"]["hard_negatives"] == 1.0
+    assert "--hard-negatives 1.0" in (out / "README.md").read_text()
+    logged = json.loads((out / "runs" / "clip" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= logged["near_miss_accuracy"] <= 1.0
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume")
+    assert result.exit_code == 1 and "hard_negatives: 1.0 -> 0.0" in result.output
+    result = _train("clip", *TINY, "--out", str(tmp_path / "other"), "--hard-negatives", "1.5")
+    assert result.exit_code == 1 and "share of the images, from 0 to 1" in result.output
+    result = _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(tmp_path / "p"),
+                    "--hard-negatives", "0.5")
+    assert result.exit_code == 1 and "shapes grammar" in result.output and "Traceback" not in result.output

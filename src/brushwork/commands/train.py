@@ -44,6 +44,7 @@ VocabSize = Annotated[int, typer.Option("--vocab-size", help="Upper bound of the
 CheckpointEvery = Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
 SampleEvery = Annotated[int, typer.Option("--sample-every", help="Steps between sample grids; 0: never.")]
 Workers = Annotated[int, typer.Option("--workers", help="Data loader worker processes.")]
+ClipHardNegatives = Annotated[float, typer.Option("--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text encoder keeps relations, shapes and counts apart. Shapes captions only. 0: none.")]
 MaxMinutes = Annotated[float | None, typer.Option("--max-minutes", help="Stop each stage after this many minutes of training, saved as if its steps were done; --resume goes on.")]
 
 
@@ -62,7 +63,7 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
          resolution: int | None, work: Path | None, resume: bool, seed: int, precision: str, prediction: str,
          noise_schedule: str, snr_gamma: float, caption_dropout: float, ema_decay: float, vocab_size: int,
          checkpoint_every: int, sample_every: int, workers: int, max_minutes: float | None,
-         init_unet: str | None = None, lr: float | None = None) -> None:
+         init_unet: str | None = None, lr: float | None = None, hard_negatives: float = 0.0) -> None:
     if data is None or out is None:
         raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     config = RecipeConfig(
@@ -71,7 +72,7 @@ def _run(ctx: typer.Context, stages: tuple[str, ...], data: str | None, out: Pat
         mixed_precision=precision, prediction_type=prediction, beta_schedule=noise_schedule,
         snr_gamma=snr_gamma or None, caption_dropout=caption_dropout, ema_decay=ema_decay or None,
         vocab_size=vocab_size, checkpoint_every=checkpoint_every, sample_every=sample_every, num_workers=workers,
-        init_unet=init_unet, max_minutes=max_minutes, command=_command_line(ctx),
+        init_unet=init_unet, max_minutes=max_minutes, hard_negatives=hard_negatives, command=_command_line(ctx),
     )
     if lr is not None:
         if not lr > 0:
@@ -90,14 +91,14 @@ def recipe(
     precision: Precision = "auto", prediction: Prediction = "epsilon", noise_schedule: Schedule = "scaled_linear",
     snr_gamma: SnrGamma = 5.0, caption_dropout: CaptionDropout = 0.1, ema_decay: EmaDecay = 0.999,
     vocab_size: VocabSize = 4096, checkpoint_every: CheckpointEvery = 500, sample_every: SampleEvery = 500,
-    workers: Workers = 0, max_minutes: MaxMinutes = None,
+    workers: Workers = 0, max_minutes: MaxMinutes = None, hard_negatives: ClipHardNegatives = 0.0,
 ) -> None:
     """Train the whole recipe: tokenizer, CLIP, VAE, UNet, into one diffusers pipeline folder."""
     if ctx.invoked_subcommand is not None:
         return
     _run(ctx, STAGES, data, out, size, steps_clip, steps_vae, steps_unet, batch_size, n, resolution, work, resume, seed,
          precision, prediction, noise_schedule, snr_gamma, caption_dropout, ema_decay, vocab_size,
-         checkpoint_every, sample_every, workers, max_minutes)
+         checkpoint_every, sample_every, workers, max_minutes, hard_negatives=hard_negatives)
 
 
 @app.command()
@@ -107,11 +108,12 @@ def clip(
     n: Count = None, resolution: Resolution = None, work: Work = None, resume: Resume = False, seed: Seed = 0,
     precision: Precision = "auto", vocab_size: VocabSize = 4096, checkpoint_every: CheckpointEvery = 500,
     sample_every: SampleEvery = 500, workers: Workers = 0, max_minutes: MaxMinutes = None,
+    hard_negatives: ClipHardNegatives = 0.0,
 ) -> None:
     """Train the tokenizer and CLIP: writes tokenizer/, text_encoder/ and clip/ into OUT."""
     _run(ctx, ("clip",), data, out, size, steps, None, None, batch_size, n, resolution, work, resume, seed, precision,
          "epsilon", "scaled_linear", 5.0, 0.1, 0.999, vocab_size, checkpoint_every, sample_every, workers,
-         max_minutes)
+         max_minutes, hard_negatives=hard_negatives)
 
 
 @app.command()

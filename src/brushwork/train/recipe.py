@@ -14,6 +14,7 @@ run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MO
 import dataclasses
 import datetime
 import json
+import itertools
 import os
 import platform
 import time
@@ -27,6 +28,7 @@ from accelerate import PartialState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from brushwork.data.captions import contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
@@ -40,7 +42,7 @@ from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_sc
 
 STAGES = ("clip", "vae", "unet")
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
-RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed"), "clip": ("vocab_size",),
+RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed"), "clip": ("vocab_size", "hard_negatives"),
                "vae": ("kl_weight", "reconstruction"),
                "unet": ("prediction_type", "beta_schedule", "snr_gamma", "caption_dropout")}
 
@@ -62,6 +64,7 @@ class RecipeConfig:
     weight_decay: dict[str, float] = field(default_factory=lambda: {"clip": 0.1, "vae": 0.0, "unet": 0.01})
     ema_decay: float | None = 0.999         # UNet only
     vocab_size: int = DEFAULT_VOCAB_SIZE
+    hard_negatives: float = 0.0             # CLIP: share of images that also meet near misses of their caption
     prediction_type: str = "epsilon"
     beta_schedule: str = "scaled_linear"
     snr_gamma: float | None = 5.0
@@ -117,6 +120,8 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     if batch_size < 1 or min(steps.values()) < 1:
         raise BrushworkError("--batch-size and the step counts must be at least 1.")
     noise_schedule(config.beta_schedule, config.prediction_type)   # raises for unknown names
+    if not 0 <= config.hard_negatives <= 1:
+        raise BrushworkError(f"--hard-negatives is a share of the images, from 0 to 1; got {config.hard_negatives}.")
     if not 0 <= config.caption_dropout < 1:
         raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
 
@@ -155,6 +160,11 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
     if len(data) == 0:
         raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
+    if "clip" in stages and config.hard_negatives > 0 and not any(
+            map(contradicting_captions, itertools.islice(data.captions(), 64))):
+        raise BrushworkError("--hard-negatives changes one word of captions in the shapes grammar (\"a blue "
+                             f"circle\" for \"a blue square\"); the captions of {config.data} are not in it. "
+                             "Leave it at 0.")
     if PartialState().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
     return Plan(config, size, data, steps, batch_size)
@@ -291,15 +301,17 @@ def train_clip(p: Plan) -> CLIPModel:
     _barrier()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     clip = build_clip(p.size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    result = run(ClipStage(p.data, tokenizer, clip), _train_config(p, "clip"))
+    result = run(ClipStage(p.data, tokenizer, clip, hard_negatives=p.config.hard_negatives),
+                 _train_config(p, "clip"))
     clip = result.modules["clip"]
     if _main_process():
         clip.save_pretrained(p.out / "clip")
         tokenizer.save_pretrained(p.out / "clip")
         _image_processor(p.size).save_pretrained(p.out / "clip")
         text_encoder_from_clip(clip).save_pretrained(p.out / "text_encoder")
+    near_misses = {"hard_negatives": p.config.hard_negatives} if p.config.hard_negatives else {}
     _record(p, "clip", started, result, {"text": count_parameters(clip.text_model),
-                                         "vision": count_parameters(clip.vision_model)})
+                                         "vision": count_parameters(clip.vision_model)}, **near_misses)
     _barrier()
     return clip
 
