@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
@@ -166,6 +167,11 @@ def contradicting_captions(text: str) -> list[str]:
     Sorted; empty for a caption outside the grammar. "a red square" and "a small red square" do not contradict
     each other (a small red square is a red square), nor do "A and B" and "B and A", so neither is listed."""
     return sorted({caption for captions in contradictions_by_kind(text).values() for caption in captions})
+
+
+def has_near_misses(captions: Iterable[str], sample: int = 64) -> bool:
+    """Whether near misses can be made for these captions: some of the first `sample` are in the grammar."""
+    return any(map(contradicting_captions, itertools.islice(captions, sample)))
 
 
 def contradictions_by_kind(text: str) -> dict[str, list[str]]:

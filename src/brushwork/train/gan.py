@@ -27,7 +27,6 @@ out nearly constant); the loop stops on NaN.
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
 import shutil
 import time
@@ -44,7 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradicting_captions, contradictions_by_kind
+from brushwork.data.captions import contradictions_by_kind, has_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
@@ -595,7 +594,7 @@ def train_gan(config: GanTrainConfig) -> Path:
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init, patch)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
-    if (config.hard_negatives > 0 or config.near_miss_weight > 0) and not any(map(contradicting_captions, itertools.islice(data.captions(), 64))):
+    if (config.hard_negatives > 0 or config.near_miss_weight > 0) and not has_near_misses(data.captions()):
         option = "--hard-negatives" if config.hard_negatives > 0 else "--near-miss-weight"
         raise BrushworkError(f"{option} changes one word of captions in the shapes grammar (\"a blue circle\" "
                              f"for \"a blue square\"); the captions of {config.data} are not in it. Leave it at 0.")

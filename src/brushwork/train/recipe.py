@@ -14,7 +14,6 @@ run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MO
 import dataclasses
 import datetime
 import json
-import itertools
 import os
 import platform
 import time
@@ -28,7 +27,7 @@ from accelerate import PartialState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradicting_captions
+from brushwork.data.captions import has_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
@@ -160,8 +159,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
     if len(data) == 0:
         raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
-    if "clip" in stages and config.hard_negatives > 0 and not any(
-            map(contradicting_captions, itertools.islice(data.captions(), 64))):
+    if "clip" in stages and config.hard_negatives > 0 and not has_near_misses(data.captions()):
         raise BrushworkError("--hard-negatives changes one word of captions in the shapes grammar (\"a blue "
                              f"circle\" for \"a blue square\"); the captions of {config.data} are not in it. "
                              "Leave it at 0.")
