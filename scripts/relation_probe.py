@@ -2,8 +2,9 @@
 
 It trains a fresh GAN discriminator (brushwork.models.gan, conditioned on the pooled text features, as in
 `train gan`) to accept shapes images with their own position caption and to reject the same images with a
-relation near miss of it: the opposite relation ("a red circle below a blue square" for one above it) or the
-two objects swapped around it. Held-out accuracy for each kind is printed as it trains. With a text encoder
+relation near miss of it (`contradictions_by_kind`). Held-out accuracy is printed as it trains for three kinds:
+the opposite relation ("a red circle below a blue square" for one above it), a perpendicular one ("a red circle
+left of a blue square") and the two objects swapped ("a blue square above a red circle"). With a text encoder
 that keeps the relation word, the discriminator learns it; with one that drops it, it stays at chance (0.5)
 however long it trains, and so does every generator conditioned on that encoder.
 
@@ -12,6 +13,7 @@ however long it trains, and so does every generator conditioned on that encoder.
 """
 
 import argparse
+import dataclasses
 import random
 import time
 
@@ -19,10 +21,22 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradictions_by_kind, parse_caption
+from brushwork.data.captions import contradictions_by_kind, format_caption, parse_caption
 from brushwork.data.dataset import open_dataset
 from brushwork.models.gan import build_discriminator, encode_text
 from brushwork.pipeline import resolve_model
+
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PERPENDICULAR = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
+
+
+def relation_near_misses(text: str) -> dict[str, str]:
+    """One near miss of a position caption per kind of relation change, named by kind."""
+    spec = parse_caption(text)
+    return {"opposite relation": format_caption(dataclasses.replace(spec, relation=OPPOSITE[spec.relation])),
+            "perpendicular relation": format_caption(dataclasses.replace(spec, relation=PERPENDICULAR[spec.relation])),
+            "objects swapped": format_caption(dataclasses.replace(spec, objects=spec.objects[::-1]))}
 
 
 def position_items(seed: int, count: int) -> list[dict]:
@@ -61,8 +75,8 @@ def main() -> None:
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.0, 0.99))
     images = torch.stack([item["pixel_values"] for item in held_out])
     own = [item["text"] for item in held_out]
-    near_misses = {kind: [contradictions_by_kind(text)["relation"][index] for text in own]
-                   for index, kind in enumerate(("opposite relation", "objects swapped"))}
+    near_misses = {kind: [relation_near_misses(text)[kind] for text in own]
+                   for kind in ("opposite relation", "perpendicular relation", "objects swapped")}
 
     @torch.no_grad()
     def held_out_accuracy() -> dict[str, float]:

@@ -120,6 +120,7 @@ def test_contradicting_captions_change_one_word_and_leave_out_what_is_still_true
     position = contradicting_captions("a blue triangle left of a orange square")
     assert {"a blue triangle right of a orange square", "a orange square left of a blue triangle"} <= set(position)
     assert "a blue triangle and a orange square" not in position
+    assert "a orange square right of a blue triangle" not in position  # the converse: the same scene
     both = contradicting_captions("a yellow square and a purple triangle")
     assert "a purple triangle and a yellow square" not in both  # the same scene, said the other way round
     assert "a purple square and a purple triangle" not in both  # outside the grammar: two colours differ
@@ -133,8 +134,9 @@ def test_contradictions_by_kind_group_the_near_misses_by_what_changed():
                      "color": [f"a small {c} triangle" for c in ("blue", "green", "orange", "purple", "yellow")],
                      "size": ["a large red triangle"]}
     assert set(contradictions_by_kind("two red circles")) == {"shape", "color", "count"}
-    assert contradictions_by_kind("a red circle above a blue square")["relation"] == [
-        "a blue square above a red circle", "a red circle below a blue square"]
+    assert contradictions_by_kind("a red circle above a blue square")["relation"] == [  # all but the converse
+        "a blue square above a red circle", "a blue square left of a red circle", "a blue square right of a red circle",
+        "a red circle below a blue square", "a red circle left of a blue square", "a red circle right of a blue square"]
     for caption in ("a blue square", "three green squares", "a yellow square and a purple triangle"):
         assert sorted(c for group in contradictions_by_kind(caption).values() for c in group) == (
             contradicting_captions(caption))

@@ -163,9 +163,10 @@ def _replace_object(spec: PromptSpec, index: int, **changes: str) -> PromptSpec:
 
 def contradicting_captions(text: str) -> list[str]:
     """Captions of the grammar that no image true to `text` can satisfy: one object's shape or colour changed,
-    the size flipped (small <-> large), another count, the opposite relation or the objects swapped around it.
-    Sorted; empty for a caption outside the grammar. "a red square" and "a small red square" do not contradict
-    each other (a small red square is a red square), nor do "A and B" and "B and A", so neither is listed."""
+    the size flipped (small <-> large), another count, another relation, or the objects swapped under any relation
+    but the converse. Sorted; empty for a caption outside the grammar. "a red square" and "a small red square" do
+    not contradict each other (a small red square is a red square), nor do "A and B" and "B and A", nor "A above B"
+    and "B below A", so none of them is listed."""
     return sorted({caption for captions in contradictions_by_kind(text).values() for caption in captions})
 
 
@@ -175,8 +176,8 @@ def has_near_misses(captions: Iterable[str], sample: int = 64) -> bool:
 
 
 def contradictions_by_kind(text: str) -> dict[str, list[str]]:
-    """contradicting_captions grouped by what changed: "shape", "color", "size", "count", "relation" (the opposite
-    relation, or the objects swapped around it); kinds with no caption are left out."""
+    """contradicting_captions grouped by what changed: "shape", "color", "size", "count", "relation" (another
+    relation, or the objects swapped under any relation but the converse); kinds with no caption are left out."""
     try:
         spec = parse_caption(text)
     except ValueError:
@@ -192,8 +193,12 @@ def contradictions_by_kind(text: str) -> dict[str, list[str]]:
     if spec.task == "counting":
         kinds["count"] = [dataclasses.replace(spec, count=n) for n in COUNT_WORDS.values() if n != spec.count]
     if spec.task == "position":
-        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
-        kinds["relation"] = [dataclasses.replace(spec, relation=opposite),
-                             dataclasses.replace(spec, objects=spec.objects[::-1])]
+        # A relation holds only along its dominant axis (relation_holds), so "A left of B" is false of a scene
+        # where "A above B" holds, not only "A below B".
+        converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
+        kinds["relation"] = [dataclasses.replace(spec, relation=relation) for relation in RELATIONS
+                             if relation != spec.relation]
+        kinds["relation"] += [dataclasses.replace(spec, objects=spec.objects[::-1], relation=relation)
+                              for relation in RELATIONS if relation != converse]
     grouped = {kind: sorted({format_caption(c) for c in specs} - {text}) for kind, specs in kinds.items()}
     return {kind: captions for kind, captions in grouped.items() if captions}
