@@ -102,9 +102,11 @@ def test_check_reports_what_is_wrong():
     assert check(image, "a blue square and a red circle").ok
     result = check(image, "a red circle right of a blue square")
     assert not result.ok and "not right of" in result.reason
+    assert result.objects_ok                                  # the right objects, placed wrong
     assert not check(image, "a red circle above a blue square").ok
+    assert not check(image, "a green circle left of a blue square").objects_ok
     result = check(image, "a red circle")
-    assert not result.ok and "expected 1 object(s), found 2" in result.reason
+    assert not result.ok and "expected 1 object(s), found 2" in result.reason and not result.objects_ok
     assert not check(image, "two red circles").ok
     assert not check(image, "a red circle and a green square").ok
     assert len(result.objects) == 2

@@ -49,7 +49,8 @@ def test_eval_two_models_shapes_report(tiny_model, tmp_path):
         assert isinstance(values[key], float), key
     assert values["n_images"] == 16 and values["fid"] >= 0 and 0 <= values["clip_score"] <= 100
     assert values["retrieval_top5"] is not None                          # 8 prompts > 5
-    assert set(first["faithfulness"]) == {"single", "two_objects", "counting", "position", "overall"}
+    assert set(first["faithfulness"]) == {"single", "two_objects", "counting", "position", "position_relation",
+                                          "overall"}
     overall = first["faithfulness"]["overall"]
     assert overall["n"] == 16 and overall["low"] <= overall["accuracy"] <= overall["high"]
     for key in ("fid", "clip_score", "precision", "intra_prompt_diversity"):
@@ -132,4 +133,24 @@ def test_real_images_scored_against_themselves(tiny_model):
     assert values["fid"] == pytest.approx(0.0, abs=1e-3)
     assert values["precision"] == values["recall"] == values["coverage"] == 1.0
     assert all(passed) and faithfulness["overall"]["accuracy"] == 1.0    # the checker accepts true renders
-    assert faithfulness["overall"]["n"] == len(images) and set(faithfulness) == set(tasks) | {"overall"}
+    assert faithfulness["overall"]["n"] == len(images)
+    assert set(faithfulness) == set(tasks) | {"overall", "position_relation"}
+    relation = faithfulness["position_relation"]                       # every position image has both objects
+    assert relation["n"] == tasks.count("position") > 0 and relation["accuracy"] == 1.0
+
+
+def test_position_relation_counts_only_images_whose_objects_are_right():
+    from brushwork.data.shapes import Scene, ShapeObject, render
+    from brushwork.eval.run import _faithfulness
+
+    image = render(Scene((ShapeObject("red", "circle", 20, 30, 6), ShapeObject("blue", "square", 45, 30, 8)),
+                         "a red circle left of a blue square", "position"))
+    prompts = ["a red circle left of a blue square", "a red circle right of a blue square",
+               "a red circle above a blue square", "a green circle left of a blue square", "a red circle"]
+    result, passed = _faithfulness([image] * 5, prompts, ["position"] * 4 + ["single"])
+    assert passed == [True, False, False, False, False]
+    assert result["position"]["accuracy"] == 0.25 and result["position"]["n"] == 4
+    assert result["position_relation"]["n"] == 3 and result["position_relation"]["accuracy"] == pytest.approx(1 / 3)
+    assert result["overall"]["n"] == 5
+    no_position, _ = _faithfulness([image], ["a red circle"], ["single"])
+    assert "position_relation" not in no_position

@@ -46,6 +46,7 @@ class CheckResult:
     ok: bool
     reason: str
     objects: tuple[DetectedObject | ShapeObject, ...]  # what was judged
+    objects_ok: bool = False  # the right objects were found (ok, or for position: failed on the relation alone)
 
 
 def _classify_color(pixels: np.ndarray, ink: np.ndarray) -> str:
@@ -123,7 +124,7 @@ def check_objects(objects: Sequence[DetectedObject | ShapeObject], spec: PromptS
             target = spec.objects[0]
             want = " ".join(w for w in (target.size, target.color, target.shape) if w)
             return CheckResult(False, f"expected {want}, found {', '.join(_describe(o) for o in bad)}", objects)
-        return CheckResult(True, f"found {found}", objects)
+        return CheckResult(True, f"found {found}", objects, objects_ok=True)
 
     a_spec, b_spec = spec.objects
     if _matches(objects[0], a_spec) and _matches(objects[1], b_spec):
@@ -134,8 +135,8 @@ def check_objects(objects: Sequence[DetectedObject | ShapeObject], spec: PromptS
         return CheckResult(False, f"expected a {a_spec.color} {a_spec.shape} and a {b_spec.color} {b_spec.shape}, "
                                   f"found {found}", objects)
     if spec.task == "position" and not relation_holds(a, b, spec.relation, MIN_OFFSET - OFFSET_TOLERANCE):
-        return CheckResult(False, f"{_describe(a)} is not {spec.relation} {_describe(b)}", objects)
-    return CheckResult(True, f"found {found}", objects)
+        return CheckResult(False, f"{_describe(a)} is not {spec.relation} {_describe(b)}", objects, objects_ok=True)
+    return CheckResult(True, f"found {found}", objects, objects_ok=True)
 
 
 def check(image: Image.Image, caption_or_spec: str | PromptSpec) -> CheckResult:

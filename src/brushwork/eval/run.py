@@ -136,13 +136,20 @@ class Reference:
 
 
 def _faithfulness(images: list[Image.Image], prompts: list[str], tasks: list[str]) -> tuple[dict, list[bool]]:
-    passed = [check(image, prompt).ok for image, prompt in track(list(zip(images, prompts)),
-                                                                  description="checking prompt faithfulness")]
+    """Accuracy per task and overall; for position also "position_relation": how often the relation is right
+    among the images whose two objects are, which tells a model that cannot draw both objects from one that
+    draws them but places them at chance (1/4)."""
+    results = [check(image, prompt) for image, prompt in track(list(zip(images, prompts)),
+                                                                description="checking prompt faithfulness")]
+    passed = [r.ok for r in results]
+    groups = {task: [r.ok for r, t in zip(results, tasks) if t == task] for task in dict.fromkeys(tasks)}
+    if "position" in groups:
+        groups["position_relation"] = [r.ok for r, t in zip(results, tasks) if t == "position" and r.objects_ok]
+    groups["overall"] = passed
     result = {}
-    for task in list(dict.fromkeys(tasks)) + ["overall"]:
-        hits = [p for p, t in zip(passed, tasks) if task in ("overall", t)]
+    for task, hits in groups.items():
         low, high = metrics.wilson_interval(sum(hits), len(hits))
-        result[task] = {"accuracy": sum(hits) / len(hits), "low": low, "high": high, "n": len(hits)}
+        result[task] = {"accuracy": sum(hits) / len(hits) if hits else 0.0, "low": low, "high": high, "n": len(hits)}
     return result, passed
 
 
