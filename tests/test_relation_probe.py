@@ -27,3 +27,24 @@ def test_relation_near_misses_are_named_by_what_changed(monkeypatch):
         "opposite relation": "a red circle below a blue square",
         "perpendicular relation": "a red circle left of a blue square",
         "objects swapped": "a blue square above a red circle"}
+
+
+def test_unet_relation_probe_scores_each_kind_of_near_miss_against_the_own_caption():
+    script = SCRIPT.parent / "unet_relation_probe.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "shapes", "--images", "6", "--timesteps", "500,800",
+                             "--batch-size", "4"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("6 held-out position images")
+    rows = [line.split() for line in result.stdout.splitlines() if line[:3] in ("500", "800")]
+    assert [row[0] for row in rows] == ["500", "800"]
+    for row in rows:
+        shares = [float(value) for value in row[1:]]
+        assert len(shares) == 4 and all(abs(share * 6 - round(share * 6)) < 0.05 for share in shares)  # k of 6
+    assert float(rows[0][4]) >= 0.5     # the colour control: the shipped model knows its colours
+
+
+def test_unet_relation_probe_refuses_a_gan():
+    script = SCRIPT.parent / "unet_relation_probe.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "shapes-gan"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode != 0 and "needs a UNet" in result.stderr
