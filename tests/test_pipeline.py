@@ -80,6 +80,18 @@ def test_prompts_and_negative_prompts_matter(pipe):
     assert unconditional.images[0].size == (32, 32)
 
 
+def test_text_embeddings_stay_right_past_the_cache_bound(model_dir):
+    """The embedding cache is bounded (256); a call whose prompts are partly cached must not lose them when the
+    cache is trimmed: a server or a long --prompts file meets more distinct prompts than that."""
+    model = BrushworkPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32).model
+    fresh = BrushworkPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32).model
+    model.encode([f"prompt {i}" for i in range(250)])
+    prompts = ["prompt 3", "", "a new prompt"] + [f"another {i}" for i in range(10)]   # cached, then 11 new
+    embeddings = model.encode(prompts)
+    assert torch.equal(embeddings, fresh.encode(prompts))
+    assert len(model._embedding_cache) <= 256
+
+
 def test_random_seed_is_recorded_and_parameters(pipe):
     out = pipe("a red circle", guidance_scale=3, sampler="Euler a", **SMALL)
     seed = out.seeds[0]

@@ -367,10 +367,9 @@ class DiffusionModel:
                                  return_tensors="pt").input_ids.to(self.device)
             with self._autocast():
                 embeddings = self.text_encoder(ids)[0]
-            if len(self._embedding_cache) + len(missing) > 256:
-                self._embedding_cache.clear()
-            for prompt, embedding in zip(missing, embeddings):
-                self._embedding_cache[prompt] = embedding
+            if len(self._embedding_cache) + len(missing) > 256:  # bounded: a server meets endless prompts
+                self._embedding_cache = {p: e for p, e in self._embedding_cache.items() if p in prompts}
+            self._embedding_cache.update(zip(missing, embeddings))
         return torch.stack([self._embedding_cache[p] for p in prompts])
 
     def generate(self, pipe: "BrushworkPipeline", prompts: list[str], negative_prompts: list[str],
