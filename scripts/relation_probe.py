@@ -21,20 +21,23 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradictions_by_kind, format_caption, parse_caption
+from brushwork.data.captions import (
+    CONVERSE,
+    contradictions_by_kind,
+    format_caption,
+    parse_caption,
+)
 from brushwork.data.dataset import open_dataset
 from brushwork.models.gan import build_discriminator, encode_text
 from brushwork.pipeline import resolve_model
 
-
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PERPENDICULAR = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
 
 
 def relation_near_misses(text: str) -> dict[str, str]:
     """One near miss of a position caption per kind of relation change, named by kind."""
     spec = parse_caption(text)
-    return {"opposite relation": format_caption(dataclasses.replace(spec, relation=OPPOSITE[spec.relation])),
+    return {"opposite relation": format_caption(dataclasses.replace(spec, relation=CONVERSE[spec.relation])),
             "perpendicular relation": format_caption(dataclasses.replace(spec, relation=PERPENDICULAR[spec.relation])),
             "objects swapped": format_caption(dataclasses.replace(spec, objects=spec.objects[::-1]))}
 

@@ -15,7 +15,7 @@ import sys
 
 import torch
 from diffusers import DDPMScheduler
-from relation_probe import position_items, relation_near_misses  # scripts/, beside this one
+from relation_probe import position_items, relation_near_misses
 
 from brushwork.data.captions import contradictions_by_kind
 from brushwork.pipeline import BrushworkPipeline

@@ -20,11 +20,15 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from brushwork.errors import BrushworkError
+
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TASKS: tuple[str, ...] = ("single", "two_objects", "counting", "position")
 SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+# "B right of A" says what "A left of B" says; with the objects kept, it is the opposite relation.
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNT_WORDS: dict[str, int] = {"two": 2, "three": 3, "four": 4}
 
 
@@ -170,9 +174,11 @@ def contradicting_captions(text: str) -> list[str]:
     return sorted({caption for captions in contradictions_by_kind(text).values() for caption in captions})
 
 
-def has_near_misses(captions: Iterable[str], sample: int = 64) -> bool:
-    """Whether near misses can be made for these captions: some of the first `sample` are in the grammar."""
-    return any(map(contradicting_captions, itertools.islice(captions, sample)))
+def require_near_misses(captions: Iterable[str], option: str, data_name: str, sample: int = 64) -> None:
+    """Raises unless near misses can be made for these captions: some of the first `sample` are in the grammar."""
+    if not any(map(contradicting_captions, itertools.islice(captions, sample))):
+        raise BrushworkError(f"{option} changes one word of captions in the shapes grammar (\"a blue circle\" for "
+                             f"\"a blue square\"); the captions of {data_name} are not in it. Leave it at 0.")
 
 
 def contradictions_by_kind(text: str) -> dict[str, list[str]]:
@@ -195,10 +201,9 @@ def contradictions_by_kind(text: str) -> dict[str, list[str]]:
     if spec.task == "position":
         # A relation holds only along its dominant axis (relation_holds), so "A left of B" is false of a scene
         # where "A above B" holds, not only "A below B".
-        converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
         kinds["relation"] = [dataclasses.replace(spec, relation=relation) for relation in RELATIONS
                              if relation != spec.relation]
         kinds["relation"] += [dataclasses.replace(spec, objects=spec.objects[::-1], relation=relation)
-                              for relation in RELATIONS if relation != converse]
+                              for relation in RELATIONS if relation != CONVERSE[spec.relation]]
     grouped = {kind: sorted({format_caption(c) for c in specs} - {text}) for kind, specs in kinds.items()}
     return {kind: captions for kind, captions in grouped.items() if captions}

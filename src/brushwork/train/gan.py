@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradictions_by_kind, has_near_misses
+from brushwork.data.captions import contradictions_by_kind, require_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
@@ -594,10 +594,9 @@ def train_gan(config: GanTrainConfig) -> Path:
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init, patch)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
-    if (config.hard_negatives > 0 or config.near_miss_weight > 0) and not has_near_misses(data.captions()):
-        option = "--hard-negatives" if config.hard_negatives > 0 else "--near-miss-weight"
-        raise BrushworkError(f"{option} changes one word of captions in the shapes grammar (\"a blue circle\" "
-                             f"for \"a blue square\"); the captions of {config.data} are not in it. Leave it at 0.")
+    if config.hard_negatives > 0 or config.near_miss_weight > 0:
+        require_near_misses(data.captions(), "--hard-negatives" if config.hard_negatives > 0 else "--near-miss-weight",
+                            config.data)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
     clip = load_clip(text_model / "clip") if config.clip_weight > 0 or config.clip_contrast > 0 else None

@@ -27,7 +27,7 @@ from accelerate import PartialState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import has_near_misses
+from brushwork.data.captions import require_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
@@ -159,10 +159,8 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
     if len(data) == 0:
         raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
-    if "clip" in stages and config.hard_negatives > 0 and not has_near_misses(data.captions()):
-        raise BrushworkError("--hard-negatives changes one word of captions in the shapes grammar (\"a blue "
-                             f"circle\" for \"a blue square\"); the captions of {config.data} are not in it. "
-                             "Leave it at 0.")
+    if "clip" in stages and config.hard_negatives > 0:
+        require_near_misses(data.captions(), "--hard-negatives", config.data)
     if PartialState().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
     return Plan(config, size, data, steps, batch_size)

@@ -122,9 +122,8 @@ class ClipStage(BaseStage):
     and the text tower is asked to keep each near miss's embedding apart from its caption's (cosine at most
     NEAR_MISS_MARGIN). Without both, nothing keeps "above" from "below": the batch's other captions almost
     always differ in colour, the vision tower does not learn relations, and the text tower learns to ignore
-    the word. The shipped `shapes` text encoder so gives "a red circle above a blue square" and "... below
-    ..." pooled features 0.10 apart, against 17 for another colour, and no generator conditioned on it can
-    place objects. Near misses alone (NegCLIP) did not change that here: the image side stays blind while
+    the word. The `shapes` text encoder shipped until 2026-11-29 so gave "a red circle above a blue square"
+    and "... below ..." pooled features 0.10 apart, against 17 for another colour. Near misses alone (NegCLIP) did not change that here: the image side stays blind while
     the text side is, and the other way round; the text-side term breaks the tie.
     """
 
