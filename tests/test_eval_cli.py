@@ -154,3 +154,15 @@ def test_position_relation_counts_only_images_whose_objects_are_right():
     assert result["overall"]["n"] == 5
     no_position, _ = _faithfulness([image], ["a red circle"], ["single"])
     assert "position_relation" not in no_position
+
+
+def test_eval_with_layout_guidance_records_it_and_samples_a_gan_without_it(tiny_model, tmp_path):
+    out = tmp_path / "report"
+    result = _run("--model", str(tiny_model), "--model", "shapes-gan", "--data", "shapes", "--n", "1", "--layout",
+                  "--out", str(out), "--steps", "2", "--per-prompt", "1", "--batch-sizes", "")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["layout"] is True
+    diffusion, gan = report["models"]
+    assert diffusion["layout"] is True and gan["layout"] is False
+    assert any("layout guidance needs a diffusion model: shapes-gan" in w for w in report["warnings"])

@@ -139,3 +139,22 @@ def test_a_gan_image_records_one_step_and_regenerates_without_warnings(tmp_path)
     result = CliRunner().invoke(app, ["generate", "a blue square", "--model", "shapes-gan", "--steps", "30",
                                       "-o", str(tmp_path / "third.png")])
     assert result.exit_code == 0 and "num_inference_steps has no effect" in result.output, result.output
+
+
+def test_layout_is_stored_and_regenerated(model_dir, tmp_path):
+    out, plain, again = tmp_path / "layout.png", tmp_path / "plain.png", tmp_path / "again.png"
+    prompt = "a red circle above a blue square"
+    assert run("generate", prompt, "--seed", "4", "--layout", "-o", str(out), model=model_dir).exit_code == 0
+    assert run("generate", prompt, "--seed", "4", "-o", str(plain), model=model_dir).exit_code == 0
+    assert read_parameters(out)["layout"] == "on" and "layout" not in read_parameters(plain)
+    assert np.abs(pixels(out) - pixels(plain)).max() > 10
+    result = runner.invoke(app, ["generate", "--from", str(out), "--model", str(model_dir), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(out), pixels(again))
+
+
+def test_layout_with_a_gan_is_a_clean_error(tmp_path):
+    result = runner.invoke(app, ["generate", "a red circle above a blue square", "--model", "shapes-gan", "--layout",
+                                 "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "layout guidance needs a diffusion model" in result.output
+    assert "Traceback" not in result.output

@@ -391,3 +391,20 @@ def test_a_gan_is_served_in_one_step_whatever_the_request_asks():
             assert job["request"]["steps"] == 1 and job["progress"] == {"step": 1, "steps": 1}
             png = client.get(job["images"][0]["url"]).content
             assert parse_parameters(PIL.Image.open(io.BytesIO(png)).info["parameters"])["steps"] == 1
+
+
+def test_layout_requests_are_sampled_with_layout_and_a_gan_refuses_them(pipe):
+    prompt = "a red circle left of a blue square"
+    expected = pipe(prompt, num_inference_steps=STEPS, guidance_scale=5.0, seed=9, layout=True).images[0]
+    with client_for(pipe, watermark=False) as client:
+        job = wait_done(client, client.post("/v1/generate", json={"prompt": prompt, "seed": 9, "layout": True,
+                                                                  "n": 1}).json()["id"])
+        assert job["state"] == "succeeded", job
+        png = client.get(job["images"][0]["url"]).content
+        assert parse_parameters(PIL.Image.open(io.BytesIO(png)).info["parameters"])["layout"] == "on"
+        assert np.abs(pixels(png) - np.asarray(expected).astype(int)).max() <= 1
+        assert client.post("/v1/generate", json={"prompt": prompt, "layout": "yes"}).status_code == 422
+    gan = BrushworkPipeline.from_pretrained("shapes-gan", device="cpu", dtype=torch.float32)
+    with client_for(gan) as client:
+        response = client.post("/v1/generate", json={"prompt": prompt, "layout": True})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "layout"

@@ -49,6 +49,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from brushwork import __version__
 from brushwork.errors import BrushworkError
 from brushwork.hardware import CompiledModule, cpu_has_native_bf16
+from brushwork.layout import (
+    REGIONAL_UNTIL,
+    START,
+    Region,
+    plan_layout,
+    region_masks,
+    sketch,
+)
 from brushwork.models.gan import GanModel, is_gan_folder
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -375,39 +383,109 @@ class DiffusionModel:
     def generate(self, pipe: "BrushworkPipeline", prompts: list[str], negative_prompts: list[str],
                  generators: list[torch.Generator] | torch.Generator | None, num_inference_steps: int,
                  guidance_scale: float, sampler: str, height: int, width: int,
-                 callback_on_step_end: Callable | None) -> torch.Tensor:
-        """Images [B, 3, H, W] as float32 in [0, 1] on the CPU."""
+                 callback_on_step_end: Callable | None, layout: bool = False) -> torch.Tensor:
+        """Images [B, 3, H, W] as float32 in [0, 1] on the CPU. layout: prompts that say where two things stand
+        are sampled with layout guidance (brushwork.layout), the others as usual."""
+        plans = [plan_layout(p) for p in prompts] if layout else [None] * len(prompts)
+        groups = [g for g in ([i for i, plan in enumerate(plans) if (plan is not None) == planned]
+                              for planned in (False, True)) if g]
+        if len(groups) == 1:
+            latents = self._sample(pipe, prompts, negative_prompts, generators, num_inference_steps, guidance_scale,
+                                   sampler, height, width, callback_on_step_end, plans if plans[0] else None)
+        else:  # planned and plain prompts start at different steps: two runs, one batch of latents
+            latents = torch.zeros((len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
+                                   width // self.vae_scale_factor), device=self.device)
+            for indices in groups:
+                rows = torch.tensor(indices, device=self.device)
+                callback = callback_on_step_end and _rows_callback(callback_on_step_end, rows, latents)
+                group = self._sample(pipe, [prompts[i] for i in indices], [negative_prompts[i] for i in indices],
+                                     [generators[i] for i in indices] if isinstance(generators, list) else generators,
+                                     num_inference_steps, guidance_scale, sampler, height, width, callback,
+                                     [plans[i] for i in indices] if plans[indices[0]] else None)
+                latents[rows] = group
+        images = self.decode(latents)
+        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _sketch_latents(self, plans: list[list[Region]], height: int, width: int) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = torch.stack([sketch(plan, height, width) for plan in plans]).to(self.device, vae_dtype)
+        return (self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor).float()
+
+    def _sample(self, pipe: "BrushworkPipeline", prompts: list[str], negative_prompts: list[str],
+                generators: list[torch.Generator] | torch.Generator | None, num_inference_steps: int,
+                guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end: Callable | None,
+                plans: list[list[Region]] | None) -> torch.Tensor:
+        """Final latents of prompts; plans: one layout per prompt, or None for plain sampling."""
         scheduler = SAMPLERS[sampler].from_config(self.scheduler_config)  # schedulers keep per-call state
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        order = scheduler.order
         use_guidance = guidance_scale > 1.0
+        unet_dtype = self.unet_dtype
         text = self.encode(prompts)
         if use_guidance:
             text = torch.cat([self.encode(negative_prompts), text])
-        unet_dtype = self.unet_dtype
         text = text.to(unet_dtype)
         shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        timesteps, first, regional_until = scheduler.timesteps, 0, 0
+        if plans is None:
+            latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            first = round(num_inference_steps * START)
+            regional_until = round(num_inference_steps * REGIONAL_UNTIL)
+            timesteps = timesteps[first * order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(first * order)
+            noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+            latents = scheduler.add_noise(self._sketch_latents(plans, height, width), noise,
+                                          timesteps[:1].repeat(len(prompts)))
+            owners = torch.tensor([b for b, plan in enumerate(plans) for _ in plan], device=self.device)
+            masks = torch.cat([region_masks(plan, shape[2], shape[3]) for plan in plans]).to(self.device)
+            region_text = torch.cat([self.encode(negative_prompts),
+                                     self.encode([r.phrase for plan in plans for r in plan])]).to(unet_dtype)
         step_kwargs = {"generator": generators} if "generator" in _step_parameters(scheduler) else {}
         with self._autocast():
             text_kv = self.denoiser.text_kv(text)
-            step_embeddings = self.denoiser.step_embeddings(scheduler.timesteps, text)
-            for i, t in enumerate(scheduler.timesteps):
-                model_input = torch.cat([latents, latents]) if use_guidance else latents
-                model_input = scheduler.scale_model_input(model_input, t).to(unet_dtype)
-                noise = self.denoise(model_input, step_embeddings[i], text, *text_kv).float()
-                if use_guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
+            step_embeddings = self.denoiser.step_embeddings(timesteps, text)
+            if plans is not None:
+                region_kv = self.denoiser.text_kv(region_text)
+                region_embeddings = self.denoiser.step_embeddings(timesteps, region_text)
+            for i, t in enumerate(timesteps):
+                step = first * order + i  # the index into the whole schedule, as in plain sampling
+                if step < regional_until * order:  # each region led by its own phrase, the rest by the negative prompt
+                    model_input = scheduler.scale_model_input(torch.cat([latents, latents[owners]]), t)
+                    noise = self.denoise(model_input.to(unet_dtype), region_embeddings[i], region_text,
+                                         *region_kv).float()
+                    uncond, regions = noise[:len(prompts)], noise[len(prompts):]
+                    scale = guidance_scale if use_guidance else 1.0
+                    steer = torch.zeros_like(latents).index_add_(0, owners, masks * (regions - uncond[owners]))
+                    noise = uncond + scale * steer
+                else:
+                    model_input = torch.cat([latents, latents]) if use_guidance else latents
+                    model_input = scheduler.scale_model_input(model_input, t).to(unet_dtype)
+                    noise = self.denoise(model_input, step_embeddings[i], text, *text_kv).float()
+                    if use_guidance:
+                        uncond, cond = noise.chunk(2)
+                        noise = uncond + guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    update = callback_on_step_end(pipe, i, t, {"latents": latents}) or {}
+                    update = callback_on_step_end(pipe, step, t, {"latents": latents}) or {}
                     if update.get("cancel"):
-                        raise GenerationCancelled(f"cancelled at step {i + 1} of {num_inference_steps}")
+                        raise GenerationCancelled(f"cancelled at step {step // order + 1} of {num_inference_steps}")
                     latents = update.get("latents", latents)
-        images = self.decode(latents)
-        return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return latents
+
+
+def _rows_callback(callback: Callable, rows: torch.Tensor, batch_latents: torch.Tensor) -> Callable:
+    """callback_on_step_end for a run over some rows of the batch: the callback sees the whole batch's latents
+    (the finished rows of the other run, zeros for rows not sampled yet) and may replace them."""
+    def on_step(pipe, step, timestep, tensors: dict) -> dict:
+        whole = batch_latents.clone()
+        whole[rows] = tensors["latents"]
+        update = callback(pipe, step, timestep, {**tensors, "latents": whole}) or {}
+        return {**update, "latents": update["latents"][rows]} if "latents" in update else update
+    return on_step
 
 
 def _step_parameters(scheduler) -> set[str]:
@@ -743,17 +821,23 @@ class BrushworkPipeline:
                  num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
-                 callback_on_step_end: Callable | None = None, output_type: str = "pil") -> GenerationOutput:
+                 callback_on_step_end: Callable | None = None, output_type: str = "pil",
+                 layout: bool = False) -> GenerationOutput:
         """Generate num_images_per_prompt images for each prompt.
 
         Image k (counting over all prompts, each prompt's images together) uses seed + k, so it equals
         the single image made with that seed. callback_on_step_end(pipe, step, timestep, {"latents": ...})
         may return {"latents": new} to replace them or {"cancel": True} to stop (GenerationCancelled).
         num_inference_steps defaults to 20; a one-step GAN ignores it and says so once (unless it is 1).
+        layout: sample prompts of the form "A left of / right of / above / below B" with layout guidance, which
+        draws A and B where the relation puts them (brushwork.layout); other prompts are sampled as usual.
         """
         if self.model.kind == "gan" and num_inference_steps not in (None, 1) and not self._told_steps_unused:
             warnings.warn("num_inference_steps has no effect: this model is a one-step GAN", stacklevel=2)
             self._told_steps_unused = True
+        if layout and self.model.kind != "diffusion":
+            raise BrushworkError("layout guidance needs a diffusion model: a one-step GAN has no sampling steps "
+                                 "to guide")
         num_inference_steps = 20 if num_inference_steps is None else num_inference_steps
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if negative_prompt is None:
@@ -781,7 +865,8 @@ class BrushworkPipeline:
 
         with torch.inference_mode(), _num_threads(self.threads):
             images = self.model.generate(self, prompts, negatives, generator, num_inference_steps,
-                                         float(guidance_scale), sampler, height, width, callback_on_step_end)
+                                         float(guidance_scale), sampler, height, width, callback_on_step_end,
+                                         layout=layout)
         if output_type == "pt":
             result = list(images)
         else:
@@ -789,4 +874,5 @@ class BrushworkPipeline:
             result = list(arrays) if output_type == "np" else [
                 PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
         return GenerationOutput(result, prompts, negatives, seeds, num_inference_steps, float(guidance_scale),
-                                sampler, height, width, self.name, self.model_hash, one_step=self.model.kind == "gan")
+                                sampler, height, width, self.name, self.model_hash,
+                                extra={"layout": "on"} if layout else {}, one_step=self.model.kind == "gan")

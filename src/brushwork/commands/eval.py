@@ -38,6 +38,8 @@ def evaluate(
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes for the throughput measurement; '' skips speed.")] = "1,4,16",
     speed_repeats: Annotated[int, typer.Option(help="Timed calls per batch size (median kept).")] = 3,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
+    layout: Annotated[bool, typer.Option("--layout", help="Sample with layout guidance (diffusion models): position "
+                                                         "prompts draw each object where the relation puts it.")] = False,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep
@@ -45,7 +47,8 @@ def evaluate(
     sweeps = dict(parse_sweep(s) for s in sweep or [])
     config = EvalConfig(models=model, out=out, data=data, n=n, per_prompt=per_prompt, steps=steps, guidance=guidance,
                         sampler=sampler, seed=seed, inception_weights=inception_weights, clip=clip, sweeps=sweeps,
-                        batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device)
+                        batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device,
+                        layout=layout)
     result = run_evaluation(config)
     console = Console()
     for entry in result["models"]:

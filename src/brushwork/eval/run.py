@@ -57,6 +57,7 @@ class EvalConfig:
     batch_sizes: tuple[int, ...] = (1, 4, 16)
     speed_repeats: int = 3
     device: str | None = None
+    layout: bool = False                # layout guidance for position prompts (diffusion models only)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -107,7 +108,7 @@ def _real_images(data: str, count: int, resolution: int, seed: int) -> tuple[lis
 
 
 def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, sampler: str | None,
-                    seed: int, label: str) -> tuple[list[Image.Image], float]:
+                    seed: int, label: str, layout: bool = False) -> tuple[list[Image.Image], float]:
     """per_prompt images of every prompt, prompt-major; image j of prompt i has seed seed + i*per_prompt + j.
 
     Returns the images and the wall seconds per image.
@@ -118,7 +119,7 @@ def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guida
     for first in track(range(0, len(prompts), prompts_per_call), description=label):
         batch = prompts[first:first + prompts_per_call]
         result = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=per_prompt,
-                      seed=seed + first * per_prompt, sampler=sampler)
+                      seed=seed + first * per_prompt, sampler=sampler, layout=layout)
         images += result.images
     return images, (time.perf_counter() - start) / len(images)
 
@@ -286,13 +287,16 @@ def evaluate(config: EvalConfig) -> dict:
         # One untimed call first, so one-time costs (kernel selection, allocations) stay out of seconds per image.
         pipe(prompts[0], num_inference_steps=1, guidance_scale=config.guidance, seed=config.seed, sampler=config.sampler)
         cache: dict[tuple, tuple[list[Image.Image], float]] = {}
+        layout = config.layout and pipe.model.kind == "diffusion"
+        if config.layout and not layout:
+            _warn(notes, f"layout guidance needs a diffusion model: {name} is sampled without it.")
 
         def run_setting(steps: int, guidance: float, sampler: str | None) -> tuple[list[Image.Image], float]:
             key = (steps, guidance, sampler)
             if key not in cache:
                 label = f"{name}: steps={steps} guidance={guidance:g}" + (f" sampler={sampler}" if sampler else "")
                 cache[key] = generate_images(pipe, prompts, config.per_prompt, steps, guidance, sampler,
-                                             config.seed, label)
+                                             config.seed, label, layout)
             return cache[key]
 
         images, seconds = run_setting(config.steps, config.guidance, config.sampler)
@@ -318,7 +322,8 @@ def evaluate(config: EvalConfig) -> dict:
                 point_metrics, _, _ = (values, None, None) if sweep_images is images else quality_metrics(sweep_images, ref)
                 points.append({"value": value, "metrics": {**point_metrics, "seconds_per_image": sweep_seconds}})
             sweeps[key] = points
-        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "metrics": values,
+        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "layout": layout,
+                        "metrics": values,
                         "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps})
         del pipe, cache
 

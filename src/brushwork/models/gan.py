@@ -431,9 +431,10 @@ class GanModel:
         self.compiled_generator = CompiledModule(self.generator_model, "gan-generator")
 
     def generate(self, pipe, prompts: list[str], negative_prompts: list[str], generators, num_inference_steps: int,
-                 guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None
-                 ) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] on the CPU; `generators`: one torch.Generator per image, or one for all."""
+                 guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None,
+                 layout: bool = False) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] on the CPU; `generators`: one torch.Generator per image, or one for all.
+        layout is refused by the pipeline before this (a one-step GAN has no steps to guide)."""
         if (height, width) != (self.default_size, self.default_size):
             raise BrushworkError(f"this GAN makes {self.default_size}×{self.default_size} images only; got "
                                  f"{width}×{height}. Leave out --width/--height.")

@@ -97,20 +97,23 @@ class Service:
 
     def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                     guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
-                    width: int | None = None, height: int | None = None) -> JobRequest:
+                    width: int | None = None, height: int | None = None, layout: bool = False) -> JobRequest:
         """A complete job from checked request fields: defaults filled in, the prompt filtered."""
         blocklist = self.config.blocklist
         term = blocklist.match(prompt) if blocklist else None
         if term is not None:
             raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
                                 "allow", param="prompt", type="prompt_blocked", kind="blocked")
+        if layout and self.pipe.model.kind != "diffusion":
+            raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
+                           param="layout", type="invalid_request_error", kind="validation")
         return JobRequest(
             prompt=prompt, negative_prompt=negative_prompt,
             steps=self.default_steps if steps is None or self.pipe.model.kind == "gan" else steps,
             guidance=guidance if guidance is not None else self.config.default_guidance,
             seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
             sampler=resolve_sampler(sampler),
-            width=width or self.pipe.default_size, height=height or self.pipe.default_size)
+            width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout)
 
     def submit(self, request: JobRequest, api: str) -> Job:
         try:

@@ -52,11 +52,12 @@ class JobRequest:
     sampler: str
     width: int
     height: int
+    layout: bool = False
 
     def batch_key(self) -> tuple:
-        """Jobs with equal keys share one UNet batch: a pipeline call takes one step count, sampler, size and
-        guidance scale, and a prompt, negative prompt and generator per image."""
-        return (self.steps, self.sampler, self.width, self.height, self.guidance)
+        """Jobs with equal keys share one UNet batch: a pipeline call takes one step count, sampler, size,
+        guidance scale and layout setting, and a prompt, negative prompt and generator per image."""
+        return (self.steps, self.sampler, self.width, self.height, self.guidance, self.layout)
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ class JobScheduler:
             generators += [torch.Generator("cpu").manual_seed(seeds[-1]) for _ in range(fill)]
         output = self.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
                            guidance_scale=first.guidance, generator=generators, height=first.height,
-                           width=first.width, sampler=first.sampler,
+                           width=first.width, sampler=first.sampler, layout=first.layout,
                            callback_on_step_end=self._step_callback(batch, owners, first.steps))
         results: dict[str, list[JobImage]] = {job.id: [] for job in batch}
         for i, (image, seed, job) in enumerate(zip(output.images, seeds, owners)):
