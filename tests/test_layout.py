@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sd_tiny import build_tiny_sd
 
 from brushwork.errors import BrushworkError
@@ -42,15 +43,26 @@ def test_a_relation_gives_each_side_its_own_region(prompt, first, second, axis, 
 
 
 @pytest.mark.parametrize("prompt", [
-    "a red circle", "a red circle and a blue square", "three red circles", "left of a blue square",
-    "a red circle above", "a cat above a dog left of a bird", "a leftover sandwich", "", "overall a hat",
+    "a red circle", "a red circle and a blue square", "left of a blue square", "a red circle above",
+    "a cat above a dog left of a bird", "a leftover sandwich", "", "overall a hat", "five red circles",
+    "two cats and a dog", "three",
 ])
-def test_prompts_without_one_relation_between_two_things_get_no_plan(prompt):
+def test_prompts_with_neither_one_relation_nor_a_count_get_no_plan(prompt):
     assert plan_layout(prompt) is None
 
 
+@pytest.mark.parametrize("prompt, count", [("two red circles", 2), ("Three green squares.", 3), ("4 cats", 4)])
+def test_a_count_gives_each_copy_a_region_of_its_own_and_no_phrase(prompt, count):
+    regions = plan_layout(prompt)
+    assert len(regions) == count and all(r.phrase is None for r in regions)
+    for a, b in itertools.combinations(regions, 2):   # boxes apart along x or y
+        assert a.box[2] < b.box[0] or b.box[2] < a.box[0] or a.box[3] < b.box[1] or b.box[3] < a.box[1]
+    discs = sketch(regions, 64, 64)[0] < 0.5
+    assert ndimage.label(discs)[1] == count
+
+
 def test_masks_and_sketch_follow_the_boxes():
-    regions = [Region("a", (0.0, 0.0, 0.375, 1.0)), Region("b", (0.625, 0.0, 1.0, 1.0))]
+    regions = [Region((0.0, 0.0, 0.375, 1.0), "a"), Region((0.625, 0.0, 1.0, 1.0), "b")]
     masks = region_masks(regions, 16, 16)
     assert masks.shape == (2, 1, 16, 16)
     assert masks[0, 0, :, :6].eq(1).all() and masks[0, 0, :, 6:].eq(0).all()
@@ -62,16 +74,17 @@ def test_masks_and_sketch_follow_the_boxes():
 
 
 def test_layout_sampling_is_seeded_differs_from_plain_and_leaves_other_prompts_alone(pipe):
-    prompts = ["a red circle left of a blue square", "a red circle"]
+    prompts = ["a red circle left of a blue square", "a red circle", "three red circles"]
     mixed = pipe(prompts, seed=3, layout=True, **SMALL)
     again = pipe(prompts, seed=3, layout=True, **SMALL)
     plain = pipe(prompts, seed=3, **SMALL)
     assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(mixed.images, again.images))
-    assert np.abs(pixels(mixed.images[0]) - pixels(plain.images[0])).max() > 10
-    # the prompt with no relation is sampled as usual, and as it is alone
+    for k in (0, 2):
+        assert np.abs(pixels(mixed.images[k]) - pixels(plain.images[k])).max() > 10
+        alone = pipe(prompts[k], seed=3 + k, layout=True, **SMALL)   # a relation and a count in one batch
+        assert np.abs(pixels(alone.images[0]) - pixels(mixed.images[k])).max() <= 2
+    # the prompt with no plan is sampled as usual
     assert np.abs(pixels(mixed.images[1]) - pixels(plain.images[1])).max() <= 2
-    alone = pipe(prompts[0], seed=3, layout=True, **SMALL)
-    assert np.abs(pixels(alone.images[0]) - pixels(mixed.images[0])).max() <= 2
     assert mixed.parameters(0)["layout"] == "on" and "layout" not in plain.parameters(0)
 
 

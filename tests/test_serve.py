@@ -402,9 +402,11 @@ def test_layout_requests_are_sampled_with_layout_and_a_gan_refuses_them(pipe):
         assert job["state"] == "succeeded", job
         png = client.get(job["images"][0]["url"]).content
         assert parse_parameters(PIL.Image.open(io.BytesIO(png)).info["parameters"])["layout"] == "on"
+        assert job["request"]["layout"] is True and client.get("/v1/info").json()["layout"] is True
         assert np.abs(pixels(png) - np.asarray(expected).astype(int)).max() <= 1
         assert client.post("/v1/generate", json={"prompt": prompt, "layout": "yes"}).status_code == 422
     gan = BrushworkPipeline.from_pretrained("shapes-gan", device="cpu", dtype=torch.float32)
     with client_for(gan) as client:
+        assert client.get("/v1/info").json()["layout"] is False   # the page hides its layout box
         response = client.post("/v1/generate", json={"prompt": prompt, "layout": True})
         assert response.status_code == 400 and response.json()["error"]["param"] == "layout"

@@ -72,3 +72,18 @@ def test_generate_and_cancel_in_the_page(browser, page_url):
     assert figures.count() == 2
     assert all(url.startswith((page_url, "blob:", "data:")) for url in requested), requested
     page.close()
+
+
+def test_layout_guidance_from_the_page(browser, page_url):
+    page = browser.new_page()
+    page.goto(page_url)
+    sync_api.expect(page.locator("#layout-row")).to_be_visible()   # a diffusion model: the box is offered
+    page.fill("#prompt", "a red circle above a blue square")
+    page.fill("#steps", "3")
+    page.fill("#count", "1")
+    page.check("#layout")
+    page.click("#generate")
+    figure = page.locator("#gallery figure")
+    sync_api.expect(figure).to_have_count(1, timeout=30_000)
+    assert "Layout: on" in figure.locator(".parameters").inner_text()
+    page.close()

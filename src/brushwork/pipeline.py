@@ -440,10 +440,14 @@ class DiffusionModel:
             noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = scheduler.add_noise(self._sketch_latents(plans, height, width), noise,
                                           timesteps[:1].repeat(len(prompts)))
-            owners = torch.tensor([b for b, plan in enumerate(plans) for _ in plan], device=self.device)
-            masks = torch.cat([region_masks(plan, shape[2], shape[3]) for plan in plans]).to(self.device)
+            # Until REGIONAL_UNTIL each image is led by pieces of text, each over part of the canvas: a relation's
+            # phrases over their regions (the rest by the negative prompt alone), or else the prompt over all.
+            pieces = [[(r.phrase, r) for r in plan if r.phrase] or [(prompt, None)] for prompt, plan in zip(prompts, plans)]
+            owners = torch.tensor([b for b, own in enumerate(pieces) for _ in own], device=self.device)
+            masks = torch.cat([region_masks([r], shape[2], shape[3]) if r else torch.ones(1, 1, *shape[2:])
+                               for own in pieces for _, r in own]).to(self.device)
             region_text = torch.cat([self.encode(negative_prompts),
-                                     self.encode([r.phrase for plan in plans for r in plan])]).to(unet_dtype)
+                                     self.encode([text for own in pieces for text, _ in own])]).to(unet_dtype)
         step_kwargs = {"generator": generators} if "generator" in _step_parameters(scheduler) else {}
         with self._autocast():
             text_kv = self.denoiser.text_kv(text)
@@ -453,7 +457,7 @@ class DiffusionModel:
                 region_embeddings = self.denoiser.step_embeddings(timesteps, region_text)
             for i, t in enumerate(timesteps):
                 step = first * order + i  # the index into the whole schedule, as in plain sampling
-                if step < regional_until * order:  # each region led by its own phrase, the rest by the negative prompt
+                if step < regional_until * order:
                     model_input = scheduler.scale_model_input(torch.cat([latents, latents[owners]]), t)
                     noise = self.denoise(model_input.to(unet_dtype), region_embeddings[i], region_text,
                                          *region_kv).float()

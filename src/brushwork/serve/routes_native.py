@@ -37,7 +37,7 @@ def job_view(svc: Service, job: Job) -> dict:
         "error": job.error,
         "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                     "guidance": request.guidance, "seed": request.seed, "n": request.n, "sampler": request.sampler,
-                    "width": request.width, "height": request.height},
+                    "width": request.width, "height": request.height, "layout": request.layout},
         "images": [{"index": i, "seed": image.seed, "parameters": image.parameters,
                     "url": f"/v1/jobs/{job.id}/images/{i}.png"} for i, image in enumerate(job.images)],
     }
@@ -57,6 +57,7 @@ def info(svc: Service = Depends(service)) -> dict:
                    "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED},
         "samplers": [{"name": name, "a1111_name": A1111_SAMPLER_NAMES[name]} for name in SAMPLERS],
         "watermark": config.watermark,
+        "layout": svc.pipe.model.kind == "diffusion",  # whether requests may ask for layout guidance
     }
 
 

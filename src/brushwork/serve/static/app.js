@@ -43,6 +43,7 @@ async function loadInfo() {
     $("guidance").max = info.limits.guidance;
     $("count").max = info.limits.n;
     $("seed").max = info.limits.seed;
+    $("layout-row").hidden = !info.layout;
     say("");
   } catch (error) {
     say(error.message, true);
@@ -58,6 +59,7 @@ function readForm() {
     n: parseInt($("count").value, 10),
   };
   if ($("seed").value.trim() !== "") body.seed = parseInt($("seed").value, 10);
+  if ($("layout").checked) body.layout = true;
   return body;
 }
 
