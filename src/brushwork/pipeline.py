@@ -833,8 +833,9 @@ class BrushworkPipeline:
         the single image made with that seed. callback_on_step_end(pipe, step, timestep, {"latents": ...})
         may return {"latents": new} to replace them or {"cancel": True} to stop (GenerationCancelled).
         num_inference_steps defaults to 20; a one-step GAN ignores it and says so once (unless it is 1).
-        layout: sample prompts of the form "A left of / right of / above / below B" with layout guidance, which
-        draws A and B where the relation puts them (brushwork.layout); other prompts are sampled as usual.
+        layout: sample prompts of the form "A left of / right of / above / below B" or "two / three / four Xs" with
+        layout guidance, which draws A and B where the relation puts them, or each copy apart (brushwork.layout);
+        other prompts are sampled as usual.
         """
         if self.model.kind == "gan" and num_inference_steps not in (None, 1) and not self._told_steps_unused:
             warnings.warn("num_inference_steps has no effect: this model is a one-step GAN", stacklevel=2)

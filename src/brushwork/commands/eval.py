@@ -39,7 +39,8 @@ def evaluate(
     speed_repeats: Annotated[int, typer.Option(help="Timed calls per batch size (median kept).")] = 3,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, mps (default: the best available).")] = None,
     layout: Annotated[bool, typer.Option("--layout", help="Sample with layout guidance (diffusion models): position "
-                                                         "prompts draw each object where the relation puts it.")] = False,
+                                                         "prompts draw each object where the relation puts it, "
+                                                         "counting prompts each copy apart.")] = False,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep

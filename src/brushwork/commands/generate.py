@@ -90,7 +90,7 @@ def generate(
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Regenerate from the parameters stored in this PNG, with the shipped model it names unless --model is given.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in the images.")] = False,
-    layout: Annotated[bool, typer.Option("--layout", help="Layout guidance: prompts 'A left of / right of / above / below B' draw A and B where the relation puts them (diffusion models).")] = False,
+    layout: Annotated[bool, typer.Option("--layout", help="Layout guidance: prompts 'A left of / right of / above / below B' draw A and B where the relation puts them, and 'two/three/four Xs' draw each copy apart (diffusion models).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the UNet and VAE decoder: about 2.5-3x faster sampling than eager on a CPU with bf16. The first use of a model at a batch size compiles for 2-3 minutes and is cached; later runs load it in a second.")] = False,
 ) -> None:
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""

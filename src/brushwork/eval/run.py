@@ -57,7 +57,7 @@ class EvalConfig:
     batch_sizes: tuple[int, ...] = (1, 4, 16)
     speed_repeats: int = 3
     device: str | None = None
-    layout: bool = False                # layout guidance for position prompts (diffusion models only)
+    layout: bool = False                # layout guidance for position and counting prompts (diffusion models only)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:

@@ -63,7 +63,7 @@ class GenerateRequest(BaseModel):
     sampler: Sampler = None
     width: Side | None = None
     height: Side | None = None
-    layout: bool = False  # layout guidance for "A left of / right of / above / below B" (diffusion models)
+    layout: bool = False  # layout guidance for "A left of / right of / above / below B" and counts (diffusion models)
 
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
