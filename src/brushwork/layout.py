@@ -6,8 +6,9 @@ README: position at chance). Layout guidance does not need the model to: `plan_l
 and gives each side of it a region of the canvas (a counting prompt: each copy). `DiffusionModel` then starts
 sampling from a sketch with a neutral grey disc in each region, noised to `START` of the schedule (as img2img
 does); a relation's regions are denoised with their own phrases until `REGIONAL_UNTIL`, the rest of the
-canvas with the negative prompt, and the whole prompt takes the last steps. It is the training-free recipe of layout-grounded methods (a plan, then region-wise
-prompting), written here because diffusers has no region prompting for its schedulers.
+canvas with the negative prompt, and the whole prompt takes the last steps. It is the training-free recipe of
+layout-grounded methods (a plan, then region-wise prompting), written here because diffusers has no region
+prompting for its schedulers.
 
 The constants were chosen on shapes position and counting prompts (seeds other than eval's): see README.
 """
@@ -26,11 +27,11 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "above": ("on top of", "above", "over"),
     "below": ("underneath", "beneath", "below", "under"),
 }
-GAP = 0.25         # share of the canvas between the two regions, along the relation's axis
+GAP = 0.25           # share of the canvas between the two regions, along the relation's axis
 BLOB_RADIUS = 0.15   # the sketch's disc radius, as a share of the canvas's shorter side
 BLOB_GREY = 128
-START = 0.4        # sampling starts this far into the schedule, from the noised sketch
-REGIONAL_UNTIL = 0.7  # the regions keep their own phrases until this far into the schedule
+START = 0.4          # sampling starts this far into the schedule, from the noised sketch
+REGIONAL_UNTIL = 0.7 # the regions keep their own phrases until this far into the schedule
 
 _PATTERN = re.compile(r"\b(" + "|".join(
     re.escape(p) for p in sorted((p for ps in RELATION_PHRASES.values() for p in ps), key=len, reverse=True)
