@@ -393,8 +393,7 @@ class DiffusionModel:
             latents = self._sample(pipe, prompts, negative_prompts, generators, num_inference_steps, guidance_scale,
                                    sampler, height, width, callback_on_step_end, plans if plans[0] else None)
         else:  # planned and plain prompts start at different steps: two runs, one batch of latents
-            latents = torch.zeros((len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
-                                   width // self.vae_scale_factor), device=self.device)
+            latents = torch.zeros(self._latent_shape(len(prompts), height, width), device=self.device)
             for indices in groups:
                 rows = torch.tensor(indices, device=self.device)
                 callback = callback_on_step_end and _rows_callback(callback_on_step_end, rows, latents)
@@ -405,6 +404,9 @@ class DiffusionModel:
                 latents[rows] = group
         images = self.decode(latents)
         return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor
 
     def _sketch_latents(self, plans: list[list[Region]], height: int, width: int) -> torch.Tensor:
         vae_dtype = next(self.vae.parameters()).dtype
@@ -425,8 +427,7 @@ class DiffusionModel:
         if use_guidance:
             text = torch.cat([self.encode(negative_prompts), text])
         text = text.to(unet_dtype)
-        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+        shape = self._latent_shape(len(prompts), height, width)
         timesteps, first, regional_until = scheduler.timesteps, 0, 0
         if plans is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
@@ -442,7 +443,8 @@ class DiffusionModel:
                                           timesteps[:1].repeat(len(prompts)))
             # Until REGIONAL_UNTIL each image is led by pieces of text, each over part of the canvas: a relation's
             # phrases over their regions (the rest by the negative prompt alone), or else the prompt over all.
-            pieces = [[(r.phrase, r) for r in plan if r.phrase] or [(prompt, None)] for prompt, plan in zip(prompts, plans)]
+            pieces = [[(r.phrase, r) for r in plan if r.phrase] or [(prompt, None)]
+                      for prompt, plan in zip(prompts, plans)]
             owners = torch.tensor([b for b, own in enumerate(pieces) for _ in own], device=self.device)
             masks = torch.cat([region_masks([r], shape[2], shape[3]) if r else torch.ones(1, 1, *shape[2:])
                                for own in pieces for _, r in own]).to(self.device)
