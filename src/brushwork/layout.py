@@ -27,11 +27,11 @@ RELATION_PHRASES: dict[str, tuple[str, ...]] = {
     "above": ("on top of", "above", "over"),
     "below": ("underneath", "beneath", "below", "under"),
 }
-GAP = 0.25           # share of the canvas between the two regions, along the relation's axis
-BLOB_RADIUS = 0.15   # the sketch's disc radius, as a share of the canvas's shorter side
+GAP = 0.25             # share of the canvas between the two regions, along the relation's axis
+BLOB_RADIUS = 0.15     # the sketch's disc radius, as a share of the canvas's shorter side
 BLOB_GREY = 128
-START = 0.4          # sampling starts this far into the schedule, from the noised sketch
-REGIONAL_UNTIL = 0.7 # the regions keep their own phrases until this far into the schedule
+START = 0.4            # sampling starts this far into the schedule, from the noised sketch
+REGIONAL_UNTIL = 0.7   # the regions keep their own phrases until this far into the schedule
 
 _PATTERN = re.compile(r"\b(" + "|".join(
     re.escape(p) for p in sorted((p for ps in RELATION_PHRASES.values() for p in ps), key=len, reverse=True)
