@@ -3,7 +3,8 @@
 build_tiny_sd() writes a diffusers StableDiffusionPipeline folder shaped like SD 1.x ("v1": CLIP text
 encoder, conv attention projections, epsilon) or SD 2.x ("v2": OpenCLIP-style text encoder, linear
 projections, v-prediction). to_original_checkpoint() turns such a folder into the original CompVis/LDM
-single-file key layout, the inverse of diffusers' single-file converters.
+single-file key layout, the inverse of diffusers' single-file converters. add_tiny_clip() puts a random tiny
+brushwork CLIP beside a folder's model.
 """
 
 import json
@@ -97,6 +98,17 @@ def build_tiny_sd(path: Path, version: str = "v1", clip_vocab: bool = False, see
         for f in (path / "_tokenizer_build").iterdir():
             f.unlink()
         (path / "_tokenizer_build").rmdir()
+    return path
+
+
+def add_tiny_clip(path: Path) -> Path:
+    """A random tiny brushwork CLIP in path/clip, beside the model's tokenizer, as `brushwork train` writes one."""
+    from brushwork.models.sizes import build_clip, get_size
+
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    torch.manual_seed(0)
+    build_clip(get_size("tiny"), len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(
+        path / "clip")
     return path
 
 

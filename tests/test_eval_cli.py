@@ -3,13 +3,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from brushwork.cli import app
-from brushwork.models.sizes import build_clip, get_size
-from sd_tiny import build_tiny_sd
-from transformers import CLIPTokenizer
+from sd_tiny import add_tiny_clip, build_tiny_sd
 
 runner = CliRunner()
 FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1"]
@@ -18,12 +15,7 @@ FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-re
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random tiny SD folder (32 px) with a random tiny brushwork CLIP beside it, as `brushwork train` writes."""
-    path = build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny")
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    torch.manual_seed(0)
-    build_clip(get_size("tiny"), len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(
-        path / "clip")
-    return path
+    return add_tiny_clip(build_tiny_sd(tmp_path_factory.mktemp("model") / "tiny"))
 
 
 def _run(*args: str):

@@ -293,3 +293,12 @@ def test_compile_casts_the_cpu_unet_to_a_low_dtype_and_fuses_its_projections(mod
     monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: True)
     assert BrushworkPipeline.from_pretrained(model_dir, compile=True).dtype == torch.bfloat16
     assert BrushworkPipeline.from_pretrained(model_dir).dtype == torch.float32
+
+
+def test_a_list_of_seeds_gives_each_image_its_own(pipe):
+    out = pipe(["a red circle", "a blue square"], seed=[17, 4], **SMALL)
+    assert out.seeds == [17, 4]
+    alone = pipe("a blue square", seed=4, **SMALL).images[0]
+    assert np.abs(pixels(out.images[1]) - pixels(alone)).max() <= 2
+    with pytest.raises(BrushworkError, match="got 1 seeds for 2 images"):
+        pipe(["a red circle", "a blue square"], seed=[1], **SMALL)

@@ -48,6 +48,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from brushwork import __version__
 from brushwork.errors import BrushworkError
+from brushwork.eval.features import ClipEmbedder
 from brushwork.hardware import CompiledModule, cpu_has_native_bf16
 from brushwork.layout import (
     REGIONAL_UNTIL,
@@ -57,7 +58,7 @@ from brushwork.layout import (
     region_masks,
     sketch,
 )
-from brushwork.models.gan import GanModel, is_gan_folder
+from brushwork.models.gan import GanModel, is_gan_folder, text_encoder_folder
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 SHIPPED_MODELS_DIR = ASSETS_DIR / "models"
@@ -67,6 +68,7 @@ CLIP_TOKENIZER_DIR = SD_CONFIG_DIR / "clip-tokenizer"
 
 MAX_IMAGES = 64
 MAX_SIDE = 2048
+MAX_BEST_OF = 16
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 SAMPLERS = {
@@ -711,6 +713,11 @@ def shipped_models() -> list[str]:
     return sorted(p.name for p in SHIPPED_MODELS_DIR.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The seed of best_of's candidate `candidate` (0, 1, ...) of the image whose seed is `seed`."""
+    return seed if candidate == 0 else random.Random(f"{seed}-{candidate}").randrange(2**32)
+
+
 def resolve_model(model: str | Path | None) -> Path:
     """A model path, or the name of a shipped model ("shapes", "shapes-gan"); None means the default shipped
     model, whatever lies in the working folder. A path that exists wins over a shipped name given by hand."""
@@ -825,20 +832,30 @@ class BrushworkPipeline:
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float = 5.0,
                  num_images_per_prompt: int = 1,
-                 generator: torch.Generator | list[torch.Generator] | None = None, seed: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 seed: int | list[int] | None = None,
                  height: int | None = None, width: int | None = None, sampler: str | None = None,
                  callback_on_step_end: Callable | None = None, output_type: str = "pil",
-                 layout: bool = False) -> GenerationOutput:
+                 layout: bool = False, best_of: int = 1) -> GenerationOutput:
         """Generate num_images_per_prompt images for each prompt.
 
         Image k (counting over all prompts, each prompt's images together) uses seed + k, so it equals
-        the single image made with that seed. callback_on_step_end(pipe, step, timestep, {"latents": ...})
-        may return {"latents": new} to replace them or {"cancel": True} to stop (GenerationCancelled).
+        the single image made with that seed; a list of seeds gives each image its own.
+        callback_on_step_end(pipe, step, timestep, {"latents": ...}) may return {"latents": new} to replace them
+        or {"cancel": True} to stop (GenerationCancelled).
         num_inference_steps defaults to 20; a one-step GAN ignores it and says so once (unless it is 1).
         layout: sample prompts of the form "A left of / right of / above / below B" or "two / three / four Xs" with
         layout guidance, which draws A and B where the relation puts them, or each copy apart (brushwork.layout);
         other prompts are sampled as usual.
+        best_of: make each image best_of times, from different seeds, and keep the one the model's CLIP finds
+        closest to its prompt (reranking, as DALL-E did); best_of times the work. The seed recorded for an image
+        is the kept candidate's, so that seed with best_of=1 makes the same image. The callback numbers the steps
+        of later candidates on from the earlier ones', so a progress count covers them all.
         """
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:
+            raise BrushworkError(f"best_of must be a whole number from 1 to {MAX_BEST_OF}, got {best_of!r}")
+        if best_of > 1:
+            self.ranker  # noqa: B018 -- a model without a CLIP fails here, before any sampling
         if self.model.kind == "gan" and num_inference_steps not in (None, 1) and not self._told_steps_unused:
             warnings.warn("num_inference_steps has no effect: this model is a one-step GAN", stacklevel=2)
             self._told_steps_unused = True
@@ -865,15 +882,30 @@ class BrushworkPipeline:
             seeds = [None] * len(prompts)
             if isinstance(generator, list) and len(generator) != len(prompts):
                 raise BrushworkError(f"got {len(generator)} generators for {len(prompts)} images")
+        elif isinstance(seed, (list, tuple)):
+            if len(seed) != len(prompts):
+                raise BrushworkError(f"got {len(seed)} seeds for {len(prompts)} images")
+            seeds = [int(s) for s in seed]
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         else:
             seed = random.randrange(2**32) if seed is None else int(seed)
             seeds = [seed + k for k in range(len(prompts))]
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
+        def sample(generators, candidate: int = 0) -> torch.Tensor:
+            offset = candidate * num_inference_steps * SAMPLERS[sampler].order
+
+            def numbered_on(pipe, step, *rest):
+                return callback_on_step_end(pipe, offset + step, *rest)
+
+            callback = numbered_on if callback_on_step_end is not None and offset else callback_on_step_end
+            return self.model.generate(self, prompts, negatives, generators, num_inference_steps,
+                                       float(guidance_scale), sampler, height, width, callback, layout=layout)
+
         with torch.inference_mode(), _num_threads(self.threads):
-            images = self.model.generate(self, prompts, negatives, generator, num_inference_steps,
-                                         float(guidance_scale), sampler, height, width, callback_on_step_end,
-                                         layout=layout)
+            images = sample(generator)
+            if best_of > 1:
+                images, seeds = self._keep_best(images, prompts, seeds, generator, best_of, sample)
         if output_type == "pt":
             result = list(images)
         else:
@@ -882,4 +914,51 @@ class BrushworkPipeline:
                 PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
         return GenerationOutput(result, prompts, negatives, seeds, num_inference_steps, float(guidance_scale),
                                 sampler, height, width, self.name, self.model_hash,
-                                extra={"layout": "on"} if layout else {}, one_step=self.model.kind == "gan")
+                                extra={**({"layout": "on"} if layout else {}),
+                                       **({"best_of": best_of} if best_of > 1 else {})},
+                                one_step=self.model.kind == "gan")
+
+    @property
+    def clip_folder(self) -> Path | None:
+        """The model folder whose clip/ (and tokenizer/) ranks best_of's candidates: this one, or for a GAN the one
+        its text encoder comes from; None when there is no clip/ (an SD checkpoint, a bare folder)."""
+        if not self.path.is_dir():
+            return None
+        folder = text_encoder_folder(self.path) if self.model.kind == "gan" else self.path
+        return folder if (folder / "clip" / "config.json").is_file() else None
+
+    @cached_property
+    def ranker(self):
+        """The model's CLIP, which scores best_of's candidates."""
+        folder = self.clip_folder
+        if folder is None:
+            raise BrushworkError(f"best_of ranks images with the model's CLIP, and {self.path} has no clip/ folder "
+                                 "(models trained by brushwork have one)")
+        return ClipEmbedder(folder / "clip", folder / "tokenizer", device=str(self.device))
+
+    def _keep_best(self, images: torch.Tensor, prompts: list[str], seeds: list[int | None],
+                   generator: torch.Generator | list[torch.Generator], best_of: int,
+                   sample: Callable) -> tuple[torch.Tensor, list[int | None]]:
+        """Of best_of candidates per image (`images` is the first of them), the one whose CLIP image embedding is
+        closest to its prompt's, and its seed. Later candidates take seeds drawn from (image seed, candidate), so
+        no two images share a candidate (as seed + k would), or continue a caller's generators."""
+        text = torch.nn.functional.normalize(self.ranker.text_embeds(prompts), dim=-1)
+
+        def similarity(batch: torch.Tensor) -> torch.Tensor:
+            arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            pil = [PIL.Image.fromarray(a) for a in arrays]
+            return (torch.nn.functional.normalize(self.ranker.image_embeds(pil), dim=-1) * text).sum(-1)
+
+        best, best_score, best_seeds = images.clone(), similarity(images), list(seeds)
+        for candidate in range(1, best_of):
+            if seeds[0] is None:
+                candidate_seeds, generators = seeds, generator
+            else:
+                candidate_seeds = [candidate_seed(seed, candidate) for seed in seeds]
+                generators = [torch.Generator("cpu").manual_seed(s) for s in candidate_seeds]
+            images = sample(generators, candidate)
+            score = similarity(images)
+            better = score > best_score
+            best[better], best_score[better] = images[better], score[better]
+            best_seeds = [new if won else old for new, old, won in zip(candidate_seeds, best_seeds, better.tolist())]
+        return best, best_seeds

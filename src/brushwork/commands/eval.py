@@ -41,6 +41,8 @@ def evaluate(
     layout: Annotated[bool, typer.Option("--layout", help="Sample with layout guidance (diffusion models): position "
                                                          "prompts draw each object where the relation puts it, "
                                                          "counting prompts each copy apart.")] = False,
+    best_of: Annotated[int, typer.Option("--best-of", help="Make each image this many times and keep the one the "
+                                                           "model's CLIP finds closest to its prompt.")] = 1,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep
@@ -49,7 +51,7 @@ def evaluate(
     config = EvalConfig(models=model, out=out, data=data, n=n, per_prompt=per_prompt, steps=steps, guidance=guidance,
                         sampler=sampler, seed=seed, inception_weights=inception_weights, clip=clip, sweeps=sweeps,
                         batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device,
-                        layout=layout)
+                        layout=layout, best_of=best_of)
     result = run_evaluation(config)
     console = Console()
     for entry in result["models"]:

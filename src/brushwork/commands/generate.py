@@ -91,6 +91,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Images sampled together.")] = 4,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in the images.")] = False,
     layout: Annotated[bool, typer.Option("--layout", help="Layout guidance: prompts 'A left of / right of / above / below B' draw A and B where the relation puts them, and 'two/three/four Xs' draw each copy apart (diffusion models).")] = False,
+    best_of: Annotated[int, typer.Option("--best-of", help="Make each image this many times and keep the one the model's CLIP finds closest to the prompt (that many times the work). The PNG records the kept image's seed, so --from remakes it without reranking.")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the UNet and VAE decoder: about 2.5-3x faster sampling than eager on a CPU with bf16. The first use of a model at a batch size compiles for 2-3 minutes and is cached; later runs load it in a second.")] = False,
 ) -> None:
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
@@ -150,7 +151,7 @@ def generate(
     with progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         one_step = pipe.model.kind == "gan"  # no per-step callback: the bar moves once per batch
-        task = progress.add_task("generate", total=len(jobs) * (1 if one_step else steps or 20))
+        task = progress.add_task("generate", total=len(jobs) * (1 if one_step else (steps or 20) * best_of))
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             # Compiled code fits one batch size: a short last batch takes copies (dropped after) rather than
@@ -163,7 +164,7 @@ def generate(
             try:
                 result = pipe(padded, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                               seed=seed + start, height=height, width=width, sampler=sampler,
-                              callback_on_step_end=advance, layout=layout)
+                              callback_on_step_end=advance, layout=layout, best_of=best_of)
             except GenerationCancelled:
                 break
             if one_step:

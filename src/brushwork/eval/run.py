@@ -24,7 +24,7 @@ from brushwork.errors import BrushworkError
 from brushwork.eval import metrics, report, speed
 from brushwork.eval.checker import check
 from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
-from brushwork.pipeline import BrushworkPipeline, resolve_model, resolve_sampler, shipped_models
+from brushwork.pipeline import MAX_BEST_OF, BrushworkPipeline, resolve_model, resolve_sampler, shipped_models
 
 SWEEP_KEYS = {"steps": int, "guidance": float, "sampler": str}
 DATA_NAMES = ("shapes", "emoji")
@@ -58,6 +58,7 @@ class EvalConfig:
     speed_repeats: int = 3
     device: str | None = None
     layout: bool = False                # layout guidance for position and counting prompts (diffusion models only)
+    best_of: int = 1                    # each image the best of this many by the model's CLIP (pipeline's best_of)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -108,7 +109,7 @@ def _real_images(data: str, count: int, resolution: int, seed: int) -> tuple[lis
 
 
 def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guidance: float, sampler: str | None,
-                    seed: int, label: str, layout: bool = False) -> tuple[list[Image.Image], float]:
+                    seed: int, label: str, layout: bool = False, best_of: int = 1) -> tuple[list[Image.Image], float]:
     """per_prompt images of every prompt, prompt-major; image j of prompt i has seed seed + i*per_prompt + j.
 
     Returns the images and the wall seconds per image.
@@ -119,7 +120,7 @@ def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guida
     for first in track(range(0, len(prompts), prompts_per_call), description=label):
         batch = prompts[first:first + prompts_per_call]
         result = pipe(batch, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=per_prompt,
-                      seed=seed + first * per_prompt, sampler=sampler, layout=layout)
+                      seed=seed + first * per_prompt, sampler=sampler, layout=layout, best_of=best_of)
         images += result.images
     return images, (time.perf_counter() - start) / len(images)
 
@@ -251,6 +252,8 @@ def evaluate(config: EvalConfig) -> dict:
             raise BrushworkError(f"guidance must be at least 0, got {guidance}")
     for sampler in [config.sampler] + config.sweeps.get("sampler", []):
         resolve_sampler(sampler)
+    if not 1 <= config.best_of <= MAX_BEST_OF:
+        raise BrushworkError(f"--best-of must be from 1 to {MAX_BEST_OF}, got {config.best_of}")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -275,6 +278,10 @@ def evaluate(config: EvalConfig) -> dict:
                     embedder, extractor, config.per_prompt)
     for note in _sample_warnings(config, len(prompts) * config.per_prompt, len(real_images), extractor.dim, len(prompts)):
         _warn(notes, note)
+    if config.best_of > 1:
+        _warn(notes, f"each image is the best of {config.best_of} by the model's CLIP: CLIP-based scores (CLIP score, "
+                     "retrieval, and realism with CLIP features) are flattered when that CLIP is also the report's; "
+                     "the faithfulness checker does not use CLIP.")
 
     names = _unique_names([Path(p) for p in config.models])
     results, grids = [], []
@@ -296,7 +303,7 @@ def evaluate(config: EvalConfig) -> dict:
             if key not in cache:
                 label = f"{name}: steps={steps} guidance={guidance:g}" + (f" sampler={sampler}" if sampler else "")
                 cache[key] = generate_images(pipe, prompts, config.per_prompt, steps, guidance, sampler,
-                                             config.seed, label, layout)
+                                             config.seed, label, layout, config.best_of)
             return cache[key]
 
         images, seconds = run_setting(config.steps, config.guidance, config.sampler)
@@ -310,7 +317,7 @@ def evaluate(config: EvalConfig) -> dict:
         if config.batch_sizes:
             speed_result = speed.measure_speed(
                 lambda b: pipe([prompts[0]] * b, num_inference_steps=config.steps, guidance_scale=config.guidance,
-                               seed=config.seed, sampler=config.sampler),
+                               seed=config.seed, sampler=config.sampler, best_of=config.best_of),
                 config.batch_sizes, config.speed_repeats, device, pipe.dtype, label=f"{name}: speed")
 
         sweeps = {}
@@ -351,7 +358,9 @@ def evaluate(config: EvalConfig) -> dict:
         "text_model": embedder.name,
         "resize_convention": RESIZE_CONVENTION,
         "prompts": prompts,
-        "seeds": f"image j of prompt i uses seed {config.seed} + i*{config.per_prompt} + j",
+        "seeds": f"image j of prompt i uses seed {config.seed} + i*{config.per_prompt} + j"
+                 + (f"; its other {config.best_of - 1} candidates, seeds drawn from that one"
+                    if config.best_of > 1 else ""),
         "warnings": notes,
         "models": results,
         "figures": figures,

@@ -97,7 +97,8 @@ class Service:
 
     def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                     guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
-                    width: int | None = None, height: int | None = None, layout: bool = False) -> JobRequest:
+                    width: int | None = None, height: int | None = None, layout: bool = False,
+                    best_of: int = 1) -> JobRequest:
         """A complete job from checked request fields: defaults filled in, the prompt filtered."""
         blocklist = self.config.blocklist
         term = blocklist.match(prompt) if blocklist else None
@@ -107,13 +108,20 @@ class Service:
         if layout and self.pipe.model.kind != "diffusion":
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
+        if best_of > 1:
+            try:
+                self.pipe.ranker  # noqa: B018 -- loads the CLIP that ranks the candidates, or says there is none
+            except BrushworkError as error:
+                raise ApiError(400, str(error), param="best_of", type="invalid_request_error",
+                               kind="validation") from None
         return JobRequest(
             prompt=prompt, negative_prompt=negative_prompt,
             steps=self.default_steps if steps is None or self.pipe.model.kind == "gan" else steps,
             guidance=guidance if guidance is not None else self.config.default_guidance,
             seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
             sampler=resolve_sampler(sampler),
-            width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout)
+            width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout,
+            best_of=best_of)
 
     def submit(self, request: JobRequest, api: str) -> Job:
         try:

@@ -53,11 +53,17 @@ class JobRequest:
     width: int
     height: int
     layout: bool = False
+    best_of: int = 1
+
+    @property
+    def total_steps(self) -> int:
+        """Steps the job's progress counts: those of every candidate when each image is the best of several."""
+        return self.steps * self.best_of
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys share one UNet batch: a pipeline call takes one step count, sampler, size,
-        guidance scale and layout setting, and a prompt, negative prompt and generator per image."""
-        return (self.steps, self.sampler, self.width, self.height, self.guidance, self.layout)
+        guidance scale, layout setting and best_of, and a prompt, negative prompt and seed per image."""
+        return (self.steps, self.sampler, self.width, self.height, self.guidance, self.layout, self.best_of)
 
 
 @dataclass(frozen=True)
@@ -316,35 +322,34 @@ class JobScheduler:
                     self._finish(job, state, error, status, kind)
 
     def _run(self, batch: list[Job]) -> None:
-        prompts, negatives, generators, seeds, owners = [], [], [], [], []
+        prompts, negatives, seeds, owners = [], [], [], []
         for job in batch:
             for k in range(job.request.n):
                 prompts.append(job.request.prompt)
                 negatives.append(job.request.negative_prompt)
                 seeds.append(job.request.seed + k)
-                generators.append(torch.Generator("cpu").manual_seed(job.request.seed + k))
                 owners.append(job)
         first = batch[0].request
         self.metrics.batch_images.observe(len(prompts))
         if self.batch_sizes is not None:
             fill = padded_batch_size(len(prompts), self.batch_sizes) - len(prompts)
             prompts, negatives = prompts + prompts[-1:] * fill, negatives + negatives[-1:] * fill
-            generators += [torch.Generator("cpu").manual_seed(seeds[-1]) for _ in range(fill)]
+            seeds = seeds + seeds[-1:] * fill
         output = self.pipe(prompts, negative_prompt=negatives, num_inference_steps=first.steps,
-                           guidance_scale=first.guidance, generator=generators, height=first.height,
-                           width=first.width, sampler=first.sampler, layout=first.layout,
-                           callback_on_step_end=self._step_callback(batch, owners, first.steps))
+                           guidance_scale=first.guidance, seed=seeds, height=first.height,
+                           width=first.width, sampler=first.sampler, layout=first.layout, best_of=first.best_of,
+                           callback_on_step_end=self._step_callback(batch, owners, first.total_steps))
         results: dict[str, list[JobImage]] = {job.id: [] for job in batch}
-        for i, (image, seed, job) in enumerate(zip(output.images, seeds, owners)):
+        for i, job in enumerate(owners):
             if job.state != RUNNING:
                 continue
-            text = pnginfo.format_parameters(**{**output.parameters(i), "seed": seed})
-            results[job.id].append(JobImage(self._encode(image, text), seed, text))
+            text = pnginfo.format_parameters(**output.parameters(i))  # with the kept candidate's seed
+            results[job.id].append(JobImage(self._encode(output.images[i], text), output.seeds[i], text))
         with self._cond:
             for job in batch:
                 if job.state == RUNNING:
                     job.images = results[job.id]
-                    job.step = first.steps
+                    job.step = first.total_steps
                     self.metrics.images.inc(len(job.images))
                     self._finish(job, SUCCEEDED)
 

@@ -67,7 +67,7 @@ async def progress(skip_current_image: bool = False, svc: Service = Depends(serv
     if not running:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
     job = running[0]
-    fraction = job.step / job.request.steps
+    fraction = job.step / job.request.total_steps
     elapsed = time.time() - (job.started or time.time())
     state.update(job=f"job {job.id}", job_timestamp=_timestamp(job.created), sampling_step=job.step,
                  sampling_steps=job.request.steps)

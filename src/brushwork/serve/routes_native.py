@@ -30,14 +30,15 @@ def job_view(svc: Service, job: Job) -> dict:
         "id": job.id,
         "state": job.state,
         "queue_position": svc.scheduler.queue_position(job),
-        "progress": {"step": job.step, "steps": request.steps},
+        "progress": {"step": job.step, "steps": request.total_steps},
         "created": job.created,
         "started": job.started,
         "finished": job.finished,
         "error": job.error,
         "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                     "guidance": request.guidance, "seed": request.seed, "n": request.n, "sampler": request.sampler,
-                    "width": request.width, "height": request.height, "layout": request.layout},
+                    "width": request.width, "height": request.height, "layout": request.layout,
+                    "best_of": request.best_of},
         "images": [{"index": i, "seed": image.seed, "parameters": image.parameters,
                     "url": f"/v1/jobs/{job.id}/images/{i}.png"} for i, image in enumerate(job.images)],
     }
@@ -54,7 +55,8 @@ def info(svc: Service = Depends(service)) -> dict:
         "defaults": {"steps": svc.default_steps, "guidance": config.default_guidance},
         "limits": {"steps": schemas.MAX_STEPS, "n": schemas.MAX_IMAGES, "side": schemas.MAX_SIDE,
                    "side_multiple": schemas.SIDE_MULTIPLE, "guidance": schemas.MAX_GUIDANCE,
-                   "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED},
+                   "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED,
+                   "best_of": schemas.MAX_BEST_OF if svc.pipe.clip_folder else 1},  # 1: no CLIP to rank with
         "samplers": [{"name": name, "a1111_name": A1111_SAMPLER_NAMES[name]} for name in SAMPLERS],
         "watermark": config.watermark,
         "layout": svc.pipe.model.kind == "diffusion",  # whether requests may ask for layout guidance

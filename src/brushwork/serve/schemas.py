@@ -20,6 +20,7 @@ MAX_SIDE = 1024
 MAX_PROMPT_CHARS = 4000
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**32 - 1
+MAX_BEST_OF = 8  # candidates per image: a request samples n x best_of images
 SIDE_MULTIPLE = 8
 _ALLOWED_CONTROL = "\n\r\t"
 
@@ -64,6 +65,7 @@ class GenerateRequest(BaseModel):
     width: Side | None = None
     height: Side | None = None
     layout: bool = False  # layout guidance for "A left of / right of / above / below B" and counts (diffusion models)
+    best_of: Annotated[int, Field(ge=1, le=MAX_BEST_OF)] = 1  # each image the best of this many by the model's CLIP
 
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")

@@ -44,6 +44,8 @@ async function loadInfo() {
     $("count").max = info.limits.n;
     $("seed").max = info.limits.seed;
     $("layout-row").hidden = !info.layout;
+    $("best-of").max = info.limits.best_of;
+    $("best-of-row").hidden = info.limits.best_of < 2;
     say("");
   } catch (error) {
     say(error.message, true);
@@ -60,6 +62,8 @@ function readForm() {
   };
   if ($("seed").value.trim() !== "") body.seed = parseInt($("seed").value, 10);
   if ($("layout").checked) body.layout = true;
+  const bestOf = parseInt($("best-of").value, 10);
+  if (bestOf > 1) body.best_of = bestOf;
   return body;
 }
 
