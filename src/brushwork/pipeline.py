@@ -933,7 +933,8 @@ class BrushworkPipeline:
         folder = self.clip_folder
         if folder is None:
             raise BrushworkError(f"best_of ranks images with the model's CLIP, and {self.path} has no clip/ folder "
-                                 "(models trained by brushwork have one)")
+                                 "(`brushwork train` writes one; Stable Diffusion checkpoints and the shipped emoji "
+                                 "model have none)")
         return ClipEmbedder(folder / "clip", folder / "tokenizer", device=str(self.device))
 
     def _keep_best(self, images: torch.Tensor, prompts: list[str], seeds: list[int | None],
