@@ -713,6 +713,12 @@ def shipped_models() -> list[str]:
     return sorted(p.name for p in SHIPPED_MODELS_DIR.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """[B, 3, H, W] float in [0, 1] on the CPU -> 8-bit RGB PIL images."""
+    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [PIL.Image.fromarray(a) for a in arrays]
+
+
 def candidate_seed(seed: int, candidate: int) -> int:
     """The seed of best_of's candidate `candidate` (0, 1, ...) of the image whose seed is `seed`."""
     return seed if candidate == 0 else random.Random(f"{seed}-{candidate}").randrange(2**32)
@@ -909,9 +915,7 @@ class BrushworkPipeline:
         if output_type == "pt":
             result = list(images)
         else:
-            arrays = images.permute(0, 2, 3, 1).numpy()
-            result = list(arrays) if output_type == "np" else [
-                PIL.Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+            result = list(images.permute(0, 2, 3, 1).numpy()) if output_type == "np" else _to_pil(images)
         return GenerationOutput(result, prompts, negatives, seeds, num_inference_steps, float(guidance_scale),
                                 sampler, height, width, self.name, self.model_hash,
                                 extra={**({"layout": "on"} if layout else {}),
@@ -946,11 +950,9 @@ class BrushworkPipeline:
         text = torch.nn.functional.normalize(self.ranker.text_embeds(prompts), dim=-1)
 
         def similarity(batch: torch.Tensor) -> torch.Tensor:
-            arrays = (batch.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-            pil = [PIL.Image.fromarray(a) for a in arrays]
-            return (torch.nn.functional.normalize(self.ranker.image_embeds(pil), dim=-1) * text).sum(-1)
+            return (torch.nn.functional.normalize(self.ranker.image_embeds(_to_pil(batch)), dim=-1) * text).sum(-1)
 
-        best, best_score, best_seeds = images.clone(), similarity(images), list(seeds)
+        best, best_score, best_seeds = images, similarity(images), list(seeds)
         for candidate in range(1, best_of):
             if seeds[0] is None:
                 candidate_seeds, generators = seeds, generator
