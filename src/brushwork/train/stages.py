@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
+from diffusers.training_utils import compute_snr
 from accelerate import PartialState
 from PIL import Image
 from rich.progress import Progress
@@ -439,8 +440,7 @@ class UnetStage(BaseStage):
         """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
         if self.snr_gamma is None:
             return torch.ones(len(timesteps), device=timesteps.device)
-        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-        snr = alphas_cumprod / (1 - alphas_cumprod)
+        snr = compute_snr(self.noise_scheduler, timesteps)
         clipped = snr.clamp(max=self.snr_gamma)
         if self.schedule["prediction_type"] == "epsilon":
             return clipped / snr
