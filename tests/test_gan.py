@@ -19,9 +19,7 @@ from brushwork.models.gan import (
     GanModel,
     WordAttention,
     build_discriminator,
-    build_encoder,
     build_generator,
-    build_patch_discriminator,
     gan_generate,
     is_gan_folder,
     load_generator,
@@ -37,14 +35,11 @@ from brushwork.train.gan import (
     clip_loss,
     discriminator_loss,
     generator_loss,
-    kl_to_standard_normal,
-    load_init,
     mismatched_captions,
     mismatched_order,
     pairwise_distance,
     r1_penalty,
     train_gan,
-    unconditional_loss,
 )
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import text_encoder_from_clip
@@ -114,22 +109,6 @@ def test_matching_aware_term_counts_mismatched_pairs_as_fake():
     # Hinge on mismatched: relu(1 + m) = 2, 2, 0 over the valid pairs -> mean 4/3, weight 1/2.
     assert discriminator_loss(real, fake, mismatched, valid, "hinge").item() == pytest.approx(0.5 * 4 / 3)
     assert discriminator_loss(real, fake, torch.full((4,), -1.0), valid, "hinge").item() == 0
-
-
-def test_unconditional_terms_weigh_real_and_fake_alike():
-    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
-    # hinge: relu(1 - real) = 0, 1 -> 0.5; relu(1 + fake) = 0, 1.5 -> 0.75
-    assert unconditional_loss(real, fake, "hinge").item() == pytest.approx(0.5 + 0.75)
-    zeros = torch.zeros(3)
-    assert unconditional_loss(zeros, zeros, "nonsaturating").item() == pytest.approx(2 * math.log(2))
-
-
-def test_kl_to_standard_normal_by_hand():
-    zeros = torch.zeros(2, 3)
-    assert kl_to_standard_normal(zeros, zeros).item() == 0
-    # per dimension 0.5 * (mean² + e^logvar - 1 - logvar): mean 1 -> 0.5; logvar 1 -> 0.5 * (e - 2)
-    assert kl_to_standard_normal(torch.ones(2, 3), zeros).item() == pytest.approx(1.5)
-    assert kl_to_standard_normal(zeros, torch.ones(2, 3)).item() == pytest.approx(1.5 * (math.e - 2))
 
 
 def test_mismatched_order_never_pairs_a_caption_with_itself():
@@ -322,104 +301,6 @@ def test_resume_is_exact(text_model, data, tmp_path):
         assert math.isfinite(record[key]), key
 
 
-def test_the_patch_discriminator_gives_one_logit_per_patch():
-    patch = build_patch_discriminator("small")
-    images = torch.zeros(2, 3, 64, 64)
-    assert patch(images).shape == (2, 16, 16)
-    # a change in one corner moves only the logits of patches that see it: P judges locally
-    changed = images.clone()
-    changed[:, :, :4, :4] = 1.0
-    moved = (patch(changed) - patch(images)).abs().detach()
-    assert moved[:, :3, :3].min() > 0 and moved[:, 6:, 6:].max() == 0
-
-
-def test_patch_discriminator_trains_with_d_and_is_left_out_of_the_gan(text_model, data, tmp_path):
-    stage = make_stage(text_model, data, patch_discriminator=build_patch_discriminator("tiny"), patch_weight=1.0)
-    assert stage.optimizers() == {"d": ["d", "p"], "g": ["g"]}
-    assert stage.fingerprint()["patch_weight"] == 1.0
-    assert "patch_weight" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
-    batch = stage.collate([data[i] for i in range(4)])
-    # G's loss counts P's verdict on its images; D's step trains P on real and G's patches
-    with_term, metrics = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
-    assert math.isfinite(metrics["patch_fake_logit"])
-    stage.patch_weight = 0.0
-    without, _ = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
-    assert not torch.isclose(with_term, without)
-    stage.patch_weight = 1.0
-    loss, metrics = stage.loss("d", stage.modules(), batch, torch.Generator().manual_seed(0))
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stage.patch.parameters())
-    assert 0.0 <= metrics["patch_accuracy"] <= 1.0
-    before = {k: v.clone() for k, v in stage.patch.state_dict().items()}
-    result = run(stage, _config(tmp_path / "run", 2))
-    assert (result.checkpoint / "p.safetensors").is_file()
-    assert any(not torch.equal(before[k], v) for k, v in result.modules["p"].state_dict().items())
-    # --init carries P over when the checkpoint has one, and leaves a fresh P fresh when it has none
-    _, _, text_encoder = text_model
-    text_dim = text_encoder.config.hidden_size
-    g, d = build_generator("tiny", text_dim), build_discriminator("tiny", text_dim)
-    fresh = build_patch_discriminator("tiny")
-    load_init(g, d, result.checkpoint, fresh)
-    saved = load_file(result.checkpoint / "p.safetensors")
-    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
-    (result.checkpoint / "p.safetensors").unlink()
-    untouched = build_patch_discriminator("tiny")
-    state = {k: v.clone() for k, v in untouched.state_dict().items()}
-    load_init(g, d, result.checkpoint, untouched)
-    assert all(torch.equal(state[k], v) for k, v in untouched.state_dict().items())
-
-
-def test_train_gan_with_a_patch_discriminator_saves_g_alone(text_model, tmp_path):
-    folder, _, _ = text_model
-    out = train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "gan", size="tiny", steps=2, n=8,
-                                   batch_size=4, sample_every=0, collapse_threshold=0.0, patch_weight=1.0))
-    facts = json.loads((out / "training.json").read_text())
-    assert facts["patch_weight"] == 1.0 and facts["parameters"]["p"] == sum(
-        p.numel() for p in build_patch_discriminator("tiny").parameters())
-    assert "patch discriminator weight 1.0" in (out / "README.md").read_text()
-    assert set(load_file(out / "model.safetensors")) == set(load_generator(out).state_dict())
-    with pytest.raises(BrushworkError, match="--patch-weight must be at least 0"):
-        train_gan(GanTrainConfig(data="shapes", text_model=folder, out=tmp_path / "other", size="tiny",
-                                 patch_weight=-1.0))
-
-
-def test_caption_withheld_terms_train_and_are_logged(text_model, data, tmp_path):
-    stage = make_stage(text_model, data, uncond_weight=1.0)
-    assert stage.fingerprint()["uncond_weight"] == 1.0
-    assert "uncond_weight" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
-    result = run(stage, _config(tmp_path / "run", 2))
-    record = json.loads(result.log_path.read_text().splitlines()[-1])
-    assert 0.0 <= record["d/uncond_accuracy"] <= 1.0 and math.isfinite(record["loss/g"])
-    # G's loss counts D's verdict without the caption: with D's weights fixed, it differs from G's loss without it.
-    batch = stage.collate([data[i] for i in range(4)])
-    modules = {"g": stage.generator, "d": stage.discriminator}
-    with_term, _ = stage.loss("g", modules, batch, torch.Generator().manual_seed(0))
-    stage.uncond_weight = 0.0
-    without, _ = stage.loss("g", modules, batch, torch.Generator().manual_seed(0))
-    assert not torch.isclose(with_term, without)
-
-
-def test_reconstruction_trains_an_encoder_that_the_saved_gan_leaves_out(text_model, data, tmp_path):
-    _, _, text_encoder = text_model
-    encoder = build_encoder("tiny", build_generator("tiny", text_encoder.config.hidden_size).config.z_dim)
-    stage = make_stage(text_model, data, encoder=encoder, recon_weight=10.0)
-    assert stage.optimizers() == {"d": ["d"], "g": ["g", "e"]}
-    assert stage.fingerprint()["recon_weight"] == 10.0
-    batch = stage.collate([data[i] for i in range(4)])
-    loss, metrics = stage.loss("g", stage.modules(), batch, torch.Generator().manual_seed(0))
-    loss.backward()
-    # E learns through G's rebuilding of the real images (and the KL term)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
-    assert metrics["reconstruction"] > 0 and metrics["kl"] >= 0
-    e_before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    result = run(stage, _config(tmp_path / "run", 2))
-    assert (result.checkpoint / "e.safetensors").is_file()
-    assert any(not torch.equal(e_before[k], v) for k, v in result.modules["e"].state_dict().items())
-    record = json.loads(result.log_path.read_text().splitlines()[-1])
-    assert math.isfinite(record["g/reconstruction"]) and math.isfinite(record["g/kl"])
-    assert "recon_weight" not in make_stage(text_model, data).fingerprint()
-
-
 def test_d_can_learn_faster_than_g(text_model, tmp_path):
     folder, _, _ = text_model
     settings = dict(data="shapes", text_model=folder, size="tiny", n=16, batch_size=4, mixed_precision="no",
@@ -535,9 +416,9 @@ def test_clip_terms_are_logged_recorded_and_need_a_clip(text_model, tmp_path, mo
                                  **{option: -1.0}))
 
 
-def test_hard_negatives_reach_d_resume_exactly_and_are_recorded(text_model, data, tmp_path):
-    stage = make_stage(text_model, data, hard_negatives=1.0)
-    assert stage.fingerprint()["hard_negatives"] == 1.0
+def test_mismatch_share_reaches_d_resumes_exactly_and_is_recorded(text_model, data, tmp_path):
+    stage = make_stage(text_model, data, mismatch_share=1.0)
+    assert stage.fingerprint()["hard_negatives"] == 1.0  # the old name: runs begun before the rename resume
     assert "hard_negatives" not in make_stage(text_model, data).fingerprint()  # earlier runs still resume
     batch = stage.collate([data[i] for i in range(4)])
     loss, metrics = stage.loss("d", stage.modules(), batch, torch.Generator().manual_seed(0))
@@ -545,9 +426,9 @@ def test_hard_negatives_reach_d_resume_exactly_and_are_recorded(text_model, data
     near_misses = {c for text in batch["text"] for c in contradicting_captions(text)}
     assert set(stage._text_cache) - set(batch["text"]) <= near_misses  # D saw near misses, encoded for it
     assert set(stage._text_cache) & near_misses
-    reference = run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "reference", 3))
-    run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "resumed", 1))
-    resumed = run(make_stage(text_model, data, hard_negatives=0.5), _config(tmp_path / "resumed", 3, resume=True))
+    reference = run(make_stage(text_model, data, mismatch_share=0.5), _config(tmp_path / "reference", 3))
+    run(make_stage(text_model, data, mismatch_share=0.5), _config(tmp_path / "resumed", 1))
+    resumed = run(make_stage(text_model, data, mismatch_share=0.5), _config(tmp_path / "resumed", 3, resume=True))
     for name in ("g", "d"):
         expected = load_file(reference.checkpoint / f"{name}.safetensors")
         actual = load_file(resumed.checkpoint / f"{name}.safetensors")
@@ -590,12 +471,12 @@ def test_near_miss_ranking_term_ranks_own_caption_above_a_near_miss(text_model, 
     assert (half - without).item() == pytest.approx(0.5 * F.softplus(-margin).mean().item(), abs=1e-5)
 
 
-def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_model, tmp_path, photo_folder):
+def test_train_gan_mismatch_share_is_recorded_and_needs_shapes_captions(text_model, tmp_path, photo_folder):
     folder = text_model[0]
     small = {"text_model": folder, "size": "tiny", "steps": 1, "n": 8, "batch_size": 4, "sample_every": 0,
              "collapse_threshold": 0.0}
-    out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "gan", hard_negatives=0.5, **small))
-    assert json.loads((out / "training.json").read_text())["hard_negatives"] == 0.5
+    out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "gan", mismatch_share=0.5, **small))
+    assert json.loads((out / "training.json").read_text())["mismatch_share"] == 0.5
     assert "near-miss share of D's mismatched captions 0.5" in (out / "README.md").read_text()
     out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "ranked", near_miss_weight=2.0, log_every=1, **small))
     assert json.loads((out / "training.json").read_text())["near_miss_weight"] == 2.0
@@ -603,9 +484,9 @@ def test_train_gan_hard_negatives_are_recorded_and_need_shapes_captions(text_mod
     assert math.isfinite(logged["g/near_miss_margin"])
     with pytest.raises(BrushworkError, match="--near-miss-weight must be at least 0"):
         train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", near_miss_weight=-1.0, **small))
-    with pytest.raises(BrushworkError, match="--hard-negatives is a share"):
-        train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", hard_negatives=1.5, **small))
-    for option in ("hard_negatives", "near_miss_weight"):
+    with pytest.raises(BrushworkError, match="--mismatch-share is a share"):
+        train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", mismatch_share=1.5, **small))
+    for option in ("mismatch_share", "near_miss_weight"):
         with pytest.raises(BrushworkError, match="--" + option.replace("_", "-") + " changes one word.*not in it"):
             train_gan(GanTrainConfig(data=str(photo_folder), out=tmp_path / "third", **{option: 0.5},
                                      **(small | {"n": None, "batch_size": 2})))
@@ -620,3 +501,18 @@ def test_the_caption_bank_holds_each_distinct_caption_once(text_model, data):
     assert sorted(index) == sorted(set(captions)) and len(bank) == len(index)
     for caption in captions[:3]:
         torch.testing.assert_close(bank[index[caption]], stage.clip_text_embeds([caption], torch.device("cpu"))[0])
+
+
+def test_a_run_with_a_deleted_term_does_not_resume_but_its_weights_start_a_new_one(text_model, tmp_path):
+    settings = dict(data="shapes", text_model=text_model[0], size="tiny", n=8, batch_size=4, sample_every=0,
+                    collapse_threshold=0.0, checkpoint_every=1)
+    old = train_gan(GanTrainConfig(out=tmp_path / "old", steps=1, **settings))
+    checkpoint = old / "runs" / "gan" / "checkpoints" / "step-00000001"
+    state = json.loads((checkpoint / "state.json").read_text())   # as a run with --patch-weight 1 left it
+    state["fingerprint"]["patch_weight"] = 1.0
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    (checkpoint / "p.safetensors").write_bytes(b"")
+    with pytest.raises(BrushworkError, match="--patch-weight, which brushwork no longer has.*--init"):
+        train_gan(GanTrainConfig(out=old, steps=2, resume=True, **settings))
+    new = train_gan(GanTrainConfig(out=tmp_path / "new", steps=1, init=checkpoint, **settings))
+    assert (new / "model.safetensors").is_file()

@@ -183,3 +183,46 @@ def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_
     result = _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(tmp_path / "p"),
                     "--hard-negatives", "0.5")
     assert result.exit_code == 1 and "shapes grammar" in result.output and "Traceback" not in result.output
+
+
+def test_config_file_with_flags_overriding_it(tmp_path):
+    config = tmp_path / "clip.toml"
+    config.write_text('data = "shapes"\nsize = "tiny"\nn = 64\nsteps_clip = 50\nhard_negatives = 1\n')
+    out = tmp_path / "m"
+    result = _train("clip", "--config", str(config), "--out", str(out), "--steps", "2")
+    assert result.exit_code == 0, result.output
+    facts = json.loads((out / "training.json").read_text())
+    assert facts["stages"]["clip"]["steps"] == 2 and facts["stages"]["clip"]["hard_negatives"] == 1.0
+    # the card's command stands alone: the file's options written out as flags
+    command = facts["commands"][0]
+    assert "--config" not in command and "--size tiny --steps 2 --n 64" in command
+    assert command.endswith("--hard-negatives 1.0")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('data = "shapes"\nbogus = 1\nuncond_weight = 1.0\n', "has unknown keys: bogus, uncond_weight. Known keys: data,"),
+    ('seed = "zero"\n', "seed must be int, got 'zero'"),
+    ('size = \n', "is not valid"),
+])
+def test_config_file_errors_are_one_line(tmp_path, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    result = _train("--config", str(config), "--out", str(tmp_path / "m"))
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_gan_reads_yaml_and_its_old_hard_negatives_flag_still_works(tmp_path):
+    config = tmp_path / "gan.yaml"
+    config.write_text("data: shapes\ntext_model: shapes\nsize: tiny\nmismatch_share: 2.0\n")
+    result = _train("gan", "--config", str(config), "--out", str(tmp_path / "g"))
+    assert result.exit_code == 1 and "--mismatch-share is a share" in result.output and "got 2.0" in result.output
+    result = _train("gan", "--config", str(config), "--out", str(tmp_path / "g"), "--hard-negatives", "1.5")
+    assert result.exit_code == 1 and "got 1.5" in result.output
+    assert "`train gan --hard-negatives` is now --mismatch-share" in result.output
+    result = _train("gan", "--config", str(config), "--out", str(tmp_path / "g"), "--hard-negatives", "1.5",
+                    "--mismatch-share", "3")
+    assert result.exit_code == 1 and "got 3.0" in result.output   # the new name wins
+    help_text = _train("gan", "--help").output
+    assert "--mismatch-share" in help_text and "--hard-negatives" not in help_text

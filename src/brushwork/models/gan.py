@@ -17,7 +17,6 @@ tokenizer/, text_encoder/ (and clip/ when the source model had one).
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -61,10 +60,9 @@ class DiscriminatorConfig:
 
 GAN_SIZES: dict[str, dict] = {
     "tiny": dict(g=dict(z_dim=8, style_dim=16, channels=(16, 8, 8, 8), attention_levels=(8,), heads=1),
-                 d=dict(channels=(8, 8, 8, 16), sentence_dim=8), patch=(8, 8, 8), steps=6, batch_size=4),  # 32×32
+                 d=dict(channels=(8, 8, 8, 16), sentence_dim=8), steps=6, batch_size=4),  # 32×32
     "small": dict(g=dict(z_dim=64, style_dim=128, channels=(256, 128, 64, 32, 16), attention_levels=(8, 16), heads=2),
-                  d=dict(channels=(16, 32, 64, 128, 256), sentence_dim=64), patch=(32, 64, 64), steps=6000,
-                  batch_size=32),
+                  d=dict(channels=(16, 32, 64, 128, 256), sentence_dim=64), steps=6000, batch_size=32),
 }
 
 
@@ -202,51 +200,6 @@ class Discriminator(nn.Module):
         joint = F.leaky_relu(self.joint(torch.cat([h, s], dim=1)), 0.2)
         projection = (h.sum(dim=(2, 3)) * self.projection(sentence)).sum(dim=1) / h[0, 0].numel()
         return self.out(joint.flatten(1)).squeeze(1) + projection
-
-
-class PatchDiscriminator(nn.Module):
-    """pix2pix's PatchGAN: one logit per overlapping patch (about 20×20 px), no caption. It judges local detail
-    (straight edges, sharp corners) that D's single logit, dominated by caption matching, barely sees."""
-
-    def __init__(self, channels: tuple[int, ...]):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, padding=1), nn.LeakyReLU(0.2)]
-        for c_in, c_out in itertools.pairwise(channels):
-            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-        self.layers = nn.Sequential(*layers, nn.Conv2d(channels[-1], 1, 3, padding=1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, R, R] -> logits [B, R / 2^(len(channels) - 1), same] (higher: a real patch)."""
-        return self.layers(images).squeeze(1)
-
-
-class Encoder(nn.Module):
-    """E(image) -> (mean, log variance) of the z that G would make it from (BicycleGAN's cVAE-GAN encoder).
-    Used in training only: G learns to rebuild real images from their encodings, which teaches it to draw
-    crisp objects and to place them by z; the saved GAN holds G alone."""
-
-    def __init__(self, channels: tuple[int, ...], z_dim: int):
-        super().__init__()
-        self.from_rgb = nn.Conv2d(3, channels[0], 3, padding=1)
-        self.blocks = nn.ModuleList(DiscriminatorBlock(channels[i], channels[i + 1]) for i in range(len(channels) - 1))
-        for block in self.blocks:  # an encoder has no reason to start as a near-linear map
-            nn.init.ones_(block.gamma)
-        self.out = nn.Linear(channels[-1] * 16, 2 * z_dim)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.from_rgb(images)
-        for block in self.blocks:
-            h = block(h)
-        mean, log_variance = self.out(F.leaky_relu(h, 0.2).flatten(1)).chunk(2, dim=1)
-        return mean, log_variance.clamp(-10, 10)
-
-
-def build_encoder(size: str, z_dim: int) -> Encoder:
-    return Encoder(gan_size(size)["d"]["channels"], z_dim)
-
-
-def build_patch_discriminator(size: str) -> PatchDiscriminator:
-    return PatchDiscriminator(gan_size(size)["patch"])
 
 
 def build_generator(size: str, text_dim: int) -> Generator:

@@ -2,7 +2,7 @@
 
 Each optimizer step is a D step, then a G step (the loop's optimizer order):
 - D: adversarial loss on real (matched) images, G's images and real images paired with another caption of
-  the batch or, for a share `hard_negatives` of them, a one-word near miss of their own caption (matching-aware,
+  the batch or, for a share `mismatch_share` of them, a one-word near miss of their own caption (matching-aware,
   DF-GAN's weights 1, 1/2, 1/2; pairs whose captions are equal are left out),
   plus the R1 penalty (gamma/2)·E‖∇ₓD(x, t)‖² on real matched pairs. R1 is lazy (StyleGAN2): it is
   computed on a random 1 in `r1_every` D steps (drawn from the loop's generator, so resume repeats it) and
@@ -11,11 +11,8 @@ Each optimizer step is a D step, then a G step (the loop's optimizer order):
   softplus(-D(G(z, t), t))).
 - Optional terms, each off at weight 0: GALIP's CLIP image-caption similarity (G); a contrastive CLIP term (G's
   image must be nearer its own caption than every other caption of the data set: InfoNCE); a ranking of D's
-  verdicts (G's image must score higher with its own caption than with a near miss of it); a patch
-  discriminator P (pix2pix's PatchGAN: real/fake per 20×20 px patch, no caption, sharing D's lazy R1; trained in D's
-  step, and left out of the saved GAN); real/fake with the caption
-  withheld (D and G; StackGAN++/AttnGAN); BicycleGAN's reconstruction of real images from an encoder's z with a
-  KL term (G and the encoder E, which the saved GAN leaves out). D may have its own learning rate (`lr_d`).
+  verdicts (G's image must score higher with its own caption than with a near miss of it). D may have its own
+  learning rate (`lr_d`).
 
 Watched in the metrics (the loop prefixes them with d/ and g/): D's accuracy on real vs fake, mean logits,
 R1, and `diversity` = mean pairwise distance between G's images in the batch / the same for the real images.
@@ -47,12 +44,12 @@ from brushwork.data.captions import contradictions_by_kind, require_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
-from brushwork.models.gan import (Discriminator, Encoder, Generator, PatchDiscriminator, build_discriminator,
-                                  build_encoder, build_generator, build_patch_discriminator, gan_generate, gan_size,
-                                  save_generator)
+from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
+                                  gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
+from brushwork.train.options import SharedConfig, option, settings
 from brushwork.train.recipe import describe_machine, machine_facts
 from brushwork.train.stages import image_grid
 
@@ -78,18 +75,6 @@ def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, mismatched: torch
     else:
         real_term, fake_term, mismatch_term = F.softplus(-real), F.softplus(fake), F.softplus(mismatched)
     return real_term.mean() + 0.5 * (fake_term.mean() + _masked_mean(mismatch_term, mismatch_valid))
-
-
-def unconditional_loss(real: torch.Tensor, fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """D's loss from logits given with the caption withheld: real images real, G's images fake, equal weights."""
-    if kind == "hinge":
-        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
-
-
-def kl_to_standard_normal(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(log_variance)) || N(0, I)), summed over z's dimensions, averaged over the batch."""
-    return 0.5 * (mean.float().pow(2) + log_variance.float().exp() - 1 - log_variance.float()).sum(dim=1).mean()
 
 
 def generator_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -167,11 +152,8 @@ class GanStage(BaseStage):
                  text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, loss: str = "hinge", r1_gamma: float = 1.0,
                  r1_every: int = 4, collapse_threshold: float = 0.05, collapse_patience: int = 5,
                  collapse_after: int = 500, log_every: int = 10, grad_accum: int = 1, run_dir: Path | None = None,
-                 clip: CLIPModel | None = None, clip_weight: float = 0.0, uncond_weight: float = 0.0,
-                 encoder: Encoder | None = None, recon_weight: float = 0.0, kl_weight: float = 0.01,
-                 d_lr_scale: float = 1.0, clip_contrast: float = 0.0,
-                 patch_discriminator: PatchDiscriminator | None = None, patch_weight: float = 0.0,
-                 hard_negatives: float = 0.0, near_miss_weight: float = 0.0):
+                 clip: CLIPModel | None = None, clip_weight: float = 0.0, d_lr_scale: float = 1.0,
+                 clip_contrast: float = 0.0, mismatch_share: float = 0.0, near_miss_weight: float = 0.0):
         if loss not in LOSSES:
             raise BrushworkError(f"unknown GAN loss {loss!r}: choose one of {', '.join(LOSSES)}.")
         self.data = data
@@ -197,20 +179,9 @@ class GanStage(BaseStage):
         # wavy "a blue square"); the contrastive term asks for the own caption to win against all the others.
         self.clip_contrast = clip_contrast if self.clip is not None else 0.0
         self._caption_bank: tuple[dict[str, int], torch.Tensor] | None = None
-        # StackGAN++/AttnGAN's joint loss: D also judges real vs fake with the caption withheld (a zero sentence),
-        # so that it learns what real images look like and not only whether they match their captions.
-        self.uncond_weight = uncond_weight
-        # BicycleGAN's cVAE-GAN: with an encoder E, G also rebuilds each real image from z ~ E(image) (L1, weight
-        # recon_weight) while E's z is kept near N(0, I) (KL, weight kl_weight), so that z ~ N(0, I) means a place
-        # and a pose, and G learns crisp objects from a direct pixel signal instead of from D alone.
-        self.encoder = encoder if encoder is not None and recon_weight > 0 else None
-        self.recon_weight = recon_weight if self.encoder is not None else 0.0
-        self.kl_weight = kl_weight
-        self.patch = patch_discriminator if patch_discriminator is not None and patch_weight > 0 else None
-        self.patch_weight = patch_weight if self.patch is not None else 0.0
         # Random mismatches mostly differ in colour, so D can match captions by colour alone and G's wrong shapes
         # go unpunished; near misses ("a blue circle" for a blue square) make D check every word.
-        self.hard_negatives = hard_negatives
+        self.mismatch_share = mismatch_share
         # The same near misses on G's side: D must rate G's image higher with its own caption than with a near miss
         # (a ranking, so that D's realism verdict, the same for both, cancels out).
         self.near_miss_weight = near_miss_weight
@@ -221,11 +192,10 @@ class GanStage(BaseStage):
         self._low_intervals = 0
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"d": self.discriminator, "g": self.generator} | ({"e": self.encoder} if self.encoder else {}) | (
-            {"p": self.patch} if self.patch else {})
+        return {"d": self.discriminator, "g": self.generator}
 
     def optimizers(self) -> dict[str, list[str]]:
-        return {"d": ["d", "p"] if self.patch else ["d"], "g": ["g", "e"] if self.encoder else ["g"]}
+        return {"d": ["d"], "g": ["g"]}
 
     def optimizer_options(self) -> dict[str, dict]:
         # GANs train with little or no first-moment momentum (StyleGAN2's and DF-GAN's betas).
@@ -295,39 +265,19 @@ class GanStage(BaseStage):
         device, n = images.device, len(texts)
         sentence, words, mask = self.text_features(texts, device)
         z = torch.randn(n, self.generator.config.z_dim, generator=generator, device=generator.device).to(device)
-        null = torch.zeros_like(sentence) if self.uncond_weight > 0 else None  # the withheld caption
         if optimizer == "g":
-            if self.encoder is not None:  # one G call on [z ~ N(0, I) | z ~ E(real image)]
-                mean, log_variance = modules["e"](images)
-                eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(device)
-                encoded = mean + eps * (0.5 * log_variance).exp()
-                both = modules["g"](torch.cat([z, encoded.to(z.dtype)]), sentence.repeat(2, 1), words.repeat(2, 1, 1),
-                                    mask.repeat(2, 1))
-                fake, rebuilt = both.split(n)
-            else:
-                fake = modules["g"](z, sentence, words, mask)
-            conditions = [sentence] + ([null] if self.uncond_weight > 0 else [])
+            fake = modules["g"](z, sentence, words, mask)
+            conditions = [sentence]
             if self.near_miss_weight > 0:
                 near_texts, near_valid = mismatched_captions(texts, 1.0, generator)
                 conditions.append(self.text_features(near_texts, device)[0])
             logits = modules["d"](torch.cat([fake] * len(conditions)), torch.cat(conditions)).float().split(n)
             fake_logits = logits[0]
             loss, metrics = generator_loss(fake_logits, self.loss_kind), {"fake_logit": fake_logits.detach().mean()}
-            if self.uncond_weight > 0:
-                loss = loss + self.uncond_weight * generator_loss(logits[1], self.loss_kind)
             if self.near_miss_weight > 0:
                 margin = fake_logits - logits[-1]
                 loss = loss + self.near_miss_weight * _masked_mean(F.softplus(-margin), near_valid.to(device))
                 metrics["near_miss_margin"] = _masked_mean(margin.detach(), near_valid.to(device))
-            if self.patch is not None:
-                patch_logits = modules["p"](fake).float()
-                loss = loss + self.patch_weight * generator_loss(patch_logits, self.loss_kind)
-                metrics["patch_fake_logit"] = patch_logits.detach().mean()
-            if self.encoder is not None:
-                reconstruction = (rebuilt.float() - images.float()).abs().mean()
-                kl = kl_to_standard_normal(mean, log_variance)
-                loss = loss + self.recon_weight * reconstruction + self.kl_weight * kl
-                metrics |= {"reconstruction": reconstruction.detach(), "kl": kl.detach()}
             if self.clip is not None:
                 if self.clip.device != device:  # the frozen CLIP is no module of the loop's: nothing else moves it
                     self.clip.to(device)
@@ -351,35 +301,21 @@ class GanStage(BaseStage):
 
         with torch.no_grad():
             fake = modules["g"](z, sentence, words, mask)
-        wrong_texts, valid = mismatched_captions(texts, self.hard_negatives, generator)
+        wrong_texts, valid = mismatched_captions(texts, self.mismatch_share, generator)
         wrong_sentence = self.text_features(wrong_texts, device)[0]
         lazy_r1 = float(torch.rand((), generator=generator, device=generator.device)) < 1 / self.r1_every
         with_r1 = self.r1_gamma > 0 and lazy_r1
         real = images.detach().requires_grad_(with_r1)
-        # One D call on [real | real with another caption | fake (| real, fake without caption)]: DDP expects
-        # one forward per backward.
+        # One D call on [real | real with another caption | fake]: DDP expects one forward per backward.
         fake = fake.to(images.dtype)
-        batch_images, batch_sentences = [real, images, fake], [sentence, wrong_sentence, sentence]
-        if self.uncond_weight > 0:
-            batch_images, batch_sentences = batch_images + [images, fake], batch_sentences + [null, null]
-        logits = modules["d"](torch.cat(batch_images), torch.cat(batch_sentences)).float().split(n)
-        real_logits, mismatched_logits, fake_logits = logits[:3]
+        logits = modules["d"](torch.cat([real, images, fake]), torch.cat([sentence, wrong_sentence, sentence]))
+        real_logits, mismatched_logits, fake_logits = logits.float().split(n)
         loss = discriminator_loss(real_logits, fake_logits, mismatched_logits, valid.to(device), self.loss_kind)
         metrics = {"accuracy": ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean()) / 2,
                    "mismatch_accuracy": _masked_mean((mismatched_logits < 0).float(), valid.to(device)),
                    "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
-        if self.uncond_weight > 0:
-            uncond_real, uncond_fake = logits[3:]
-            loss = loss + self.uncond_weight * unconditional_loss(uncond_real, uncond_fake, self.loss_kind)
-            metrics["uncond_accuracy"] = ((uncond_real > 0).float().mean() + (uncond_fake < 0).float().mean()) / 2
-        if self.patch is not None:
-            patch_real, patch_fake = modules["p"](torch.cat([real, fake])).float().split(n)
-            loss = loss + self.patch_weight * unconditional_loss(patch_real, patch_fake, self.loss_kind)
-            metrics["patch_accuracy"] = ((patch_real > 0).float().mean() + (patch_fake < 0).float().mean()) / 2
         if with_r1:
-            # with P, one gradient for both: of D's logit plus P's mean patch logit (weighted)
-            scores = real_logits if self.patch is None else real_logits + self.patch_weight * patch_real.mean(dim=(1, 2))
-            penalty = r1_penalty(scores, real, self.r1_gamma)
+            penalty = r1_penalty(real_logits, real, self.r1_gamma)
             loss = loss + self.r1_every * penalty
             metrics["r1"] = penalty.detach()
         if n > 1:
@@ -417,11 +353,9 @@ class GanStage(BaseStage):
                 "loss": self.loss_kind, "r1_gamma": self.r1_gamma, "r1_every": self.r1_every,
                 "data_size": len(self.data), "clip_weight": self.clip_weight,
                 "text_encoder": self.text_encoder.config.to_diff_dict()} | (
-                    {"uncond_weight": self.uncond_weight} if self.uncond_weight else {}) | (
-                    {"recon_weight": self.recon_weight, "kl_weight": self.kl_weight} if self.encoder else {}) | (
                     {"clip_contrast": self.clip_contrast} if self.clip_contrast else {}) | (
-                    {"patch_weight": self.patch_weight} if self.patch else {}) | (
-                    {"hard_negatives": self.hard_negatives} if self.hard_negatives else {}) | (
+                    # the flag's old name, so that runs begun before the rename resume
+                    {"hard_negatives": self.mismatch_share} if self.mismatch_share else {}) | (
                     {"near_miss_weight": self.near_miss_weight} if self.near_miss_weight else {})
 
     @torch.no_grad()
@@ -438,60 +372,67 @@ class GanStage(BaseStage):
 # ---- entry point --------------------------------------------------------------------------------
 
 
-@dataclass
-class GanTrainConfig:
-    data: str                      # "shapes", "emoji" or a data set folder / .tar
-    text_model: Path               # a model folder with text_encoder/ and tokenizer/ (brushwork train clip)
-    out: Path                      # the GAN folder to write
-    size: str = "small"
-    steps: int | None = None       # None: the size's default
-    batch_size: int | None = None  # None: the size's default
-    n: int | None = None           # items of the data set (shapes: images to draw)
-    lr: float = 2e-4               # G's learning rate
-    lr_d: float | None = None      # D's learning rate; None: the same as G's
-    loss: str = "hinge"
-    r1_gamma: float = 1.0
-    r1_every: int = 4
-    ema_decay: float | None = 0.999
-    clip_weight: float = 0.0       # weight of the CLIP image-text term in G's loss; needs clip/ in text_model
-    clip_contrast: float = 0.0     # weight of the contrastive CLIP term (own caption against the data's others)
-    patch_weight: float = 0.0      # weight of the patch discriminator's terms in D's and G's losses (0: none)
-    hard_negatives: float = 0.0    # share of D's mismatched captions that are near misses (shapes grammar only)
-    near_miss_weight: float = 0.0  # weight of G's ranking term: D(G's image, caption) above D(it, a near miss)
-    uncond_weight: float = 0.0     # weight of the caption-withheld real/fake terms in D's and G's losses
-    recon_weight: float = 0.0      # weight of G's L1 rebuilding of real images from E's z (0: no encoder)
-    kl_weight: float = 0.01        # weight of the KL term that keeps E's z near N(0, I)
-    collapse_threshold: float = 0.05
-    collapse_patience: int = 5
-    collapse_after: int = 500      # steps before the collapse watch starts
-    work: Path | None = None       # checkpoints, log.jsonl, samples/; None: OUT/runs/gan
-    resume: bool = False
-    seed: int = 0
-    mixed_precision: str = "auto"
-    checkpoint_every: int = 500
-    sample_every: int = 500
+@dataclass(kw_only=True)
+class GanTrainConfig(SharedConfig):
+    """The options of `brushwork train gan`."""
+
+    text_model: Path | None = option(None, "--model", "-m", help="Model folder (or shipped name such as 'shapes') "
+                                     "whose text_encoder/ and tokenizer/ condition the GAN.")
+    size: str = option("small", "--size", help="GAN size: tiny (tests) or small (64×64, CPU, about an hour).")
+    steps: int | None = option(None, "--steps", help="Optimizer steps, each one D step and one G step (default: "
+                               "the size's).")
+    lr: float = option(2e-4, "--lr", help="Learning rate of G (and of D, unless --lr-d).")
+    lr_d: float | None = option(None, "--lr-d", help="D's learning rate (default: the same as --lr); DF-GAN trains "
+                                "D 4x faster than G.")
+    loss: str = option("hinge", "--loss", help=f"Adversarial loss: {', '.join(LOSSES)}.")
+    r1_gamma: float = option(1.0, "--r1-gamma", help="Weight of the R1 gradient penalty on real images; 0 turns "
+                             "it off.")
+    r1_every: int = option(4, "--r1-every", help="Compute R1 on 1 in this many D steps (lazy), weighted up to "
+                           "match.")
+    clip_weight: float = option(0.0, "--clip-weight", help="Weight of a CLIP image-text similarity term in G's "
+                                "loss (GALIP); uses MODEL's clip/. 0 turns it off.")
+    clip_contrast: float = option(0.0, "--clip-contrast", help="Weight of a contrastive CLIP term in G's loss: "
+                                  "each image must be nearer its own caption than every other caption of the data "
+                                  "set (InfoNCE); uses MODEL's clip/. 0 turns it off.")
+    mismatch_share: float = option(0.0, "--mismatch-share", help="Share (0-1) of D's mismatched captions that are "
+                                   "near misses, one word changed (\"a blue circle\" for a blue square), instead of "
+                                   "another image's caption, so that D checks shape as well as colour. Shapes "
+                                   "captions only. 0: none.")
+    near_miss_weight: float = option(0.0, "--near-miss-weight", help="Weight of a ranking term in G's loss: D must "
+                                     "rate G's image higher with its own caption than with a near miss (one word "
+                                     "changed). Shapes captions only. 0: none.")
+    collapse_threshold: float = option(0.05, "--collapse-threshold", help="Stop when G's sample diversity (1.0 = "
+                                       "as varied as real images) stays below this; 0 turns the watch off.")
+    collapse_patience: int = option(5, "--collapse-patience", help="Consecutive log intervals below the "
+                                    "threshold before stopping.")
+    collapse_after: int = option(500, "--collapse-after", help="Steps before the collapse watch starts.")
+    init: Path | None = option(None, "--init", help="Start G (its EMA weights) and D from this GAN run: a GAN "
+                               "folder, its runs/gan/ or one checkpoint folder (fine-tuning with new settings; "
+                               "--resume continues a run unchanged).")
     log_every: int = 10
-    num_workers: int = 0
-    max_minutes: float | None = None  # stop after this much training (resume goes on)
-    init: Path | None = None       # a GAN run or checkpoint folder whose G (EMA) and D weights start this run
-    command: str = ""              # for the model card
+
+
+# Deleted GAN terms (the README's measurements: none of them helped); a run that used one cannot resume.
+REMOVED_TERMS = {"uncond_weight": "--uncond-weight", "recon_weight": "--recon-weight",
+                 "patch_weight": "--patch-weight"}
 
 
 def _check_folders(config: GanTrainConfig) -> None:
+    if config.data is None or config.text_model is None or config.out is None:
+        raise BrushworkError("--data, --model and --out are required, e.g. brushwork train gan --data shapes "
+                             "--model my-model --out my-gan")
     text_model, out = resolve_model(config.text_model), Path(config.out)
     missing = [part for part in ("text_encoder", "tokenizer") if not (text_model / part).is_dir()]
     if missing:
         raise BrushworkError(f"{text_model} has no {', '.join(missing)}/: pass a model folder trained with "
                              "`brushwork train` or `brushwork train clip` as --model.")
-    for option, value in (("--clip-weight", config.clip_weight), ("--clip-contrast", config.clip_contrast),
-                          ("--patch-weight", config.patch_weight), ("--near-miss-weight", config.near_miss_weight),
-                          ("--uncond-weight", config.uncond_weight),
-                          ("--recon-weight", config.recon_weight), ("--kl-weight", config.kl_weight)):
+    for flag, value in (("--clip-weight", config.clip_weight), ("--clip-contrast", config.clip_contrast),
+                        ("--near-miss-weight", config.near_miss_weight)):
         if value < 0:
-            raise BrushworkError(f"{option} must be at least 0, got {value}.")
-    if not 0 <= config.hard_negatives <= 1:
-        raise BrushworkError(f"--hard-negatives is a share of the mismatched captions, from 0 to 1; got "
-                             f"{config.hard_negatives}.")
+            raise BrushworkError(f"{flag} must be at least 0, got {value}.")
+    if not 0 <= config.mismatch_share <= 1:
+        raise BrushworkError(f"--mismatch-share is a share of the mismatched captions, from 0 to 1; got "
+                             f"{config.mismatch_share}.")
     if config.lr_d is not None and config.lr_d <= 0:
         raise BrushworkError(f"--lr-d must be above 0, got {config.lr_d}.")
     if (config.clip_weight > 0 or config.clip_contrast > 0) and not (text_model / "clip").is_dir():
@@ -518,21 +459,29 @@ def init_checkpoint(path: Path) -> Path:
                          "a run folder with checkpoints/, or a GAN folder with runs/gan/).")
 
 
-def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path,
-              patch: PatchDiscriminator | None = None) -> None:
-    """G from the checkpoint's EMA weights (its raw ones when it kept no EMA), D from its weights; a patch
-    discriminator from its weights when the checkpoint has one (else it starts fresh)."""
+def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path) -> None:
+    """G from the checkpoint's EMA weights (its raw ones when it kept no EMA), D from its weights. Other modules
+    of the checkpoint (an old run's encoder or patch discriminator) are left out."""
     g_file = checkpoint / "ema-g.safetensors"
     g_file = g_file if g_file.is_file() else checkpoint / "g.safetensors"
-    pairs = [(generator, g_file), (discriminator, checkpoint / "d.safetensors")]
-    if patch is not None and (checkpoint / "p.safetensors").is_file():
-        pairs.append((patch, checkpoint / "p.safetensors"))
-    for module, file in pairs:
+    for module, file in ((generator, g_file), (discriminator, checkpoint / "d.safetensors")):
         try:
             load_model(module, str(file), strict=True)
         except Exception as error:  # safetensors raises its own types for corrupt files and wrong shapes
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BrushworkError(f"--init: {file} does not fit a GAN of this size and text encoder ({first}).") from None
+
+
+def _check_resumable(run_dir: Path) -> None:
+    """BrushworkError when the run to resume used a GAN term that no longer exists."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return
+    fingerprint = json.loads((checkpoints[-1] / "state.json").read_text()).get("fingerprint", {})
+    used = [flag for key, flag in REMOVED_TERMS.items() if fingerprint.get(key)]
+    if used:
+        raise BrushworkError(f"cannot resume {run_dir}: it trains with {', '.join(used)}, which brushwork no longer "
+                             f"has (it never helped). Start a new run from its weights with --init {checkpoints[-1]}.")
 
 
 def _init_facts(checkpoint: Path) -> dict:
@@ -555,12 +504,11 @@ text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 - Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
 - Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
 - Text encoder from: `{facts['text_model']}`
-- Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts.get('lr_d', facts['lr'])}), {facts['loss']} loss, R1 γ {facts['r1_gamma']},
-  CLIP term weight {facts.get('clip_weight', 0.0)}, contrastive CLIP term weight {facts.get('clip_contrast', 0.0)},
-  patch discriminator weight {facts.get('patch_weight', 0.0)}, near-miss share of D's mismatched captions {facts.get('hard_negatives', 0.0)},
-  near-miss ranking weight {facts.get('near_miss_weight', 0.0)},
-  caption-withheld term weight {facts.get('uncond_weight', 0.0)},
-  reconstruction weight {facts.get('recon_weight', 0.0)} with KL weight {facts.get('kl_weight', 0.01)})
+- Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts['lr_d']}), \
+{facts['loss']} loss, R1 γ {facts['r1_gamma']},
+  CLIP term weight {facts['clip_weight']}, contrastive CLIP term weight {facts['clip_contrast']},
+  near-miss share of D's mismatched captions {facts['mismatch_share']}, near-miss ranking weight \
+{facts['near_miss_weight']})
 - Parameters: G {facts['parameters']['g'] / 1e6:.2f}M, D {facts['parameters']['d'] / 1e6:.2f}M
 - Train time: {facts['train_time_s'] / 60:.1f} min; finished {facts['finished']}
 - Machine: {describe_machine(facts['machine'])}
@@ -589,31 +537,29 @@ def train_gan(config: GanTrainConfig) -> Path:
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
     text_dim = text_encoder.config.hidden_size
     generator, discriminator = build_generator(config.size, text_dim), build_discriminator(config.size, text_dim)
-    patch = build_patch_discriminator(config.size) if config.patch_weight > 0 else None
     init = init_checkpoint(config.init) if config.init is not None else None
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
-        load_init(generator, discriminator, init, patch)
+        load_init(generator, discriminator, init)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
-    if config.hard_negatives > 0 or config.near_miss_weight > 0:
-        require_near_misses(data.captions(), "--hard-negatives" if config.hard_negatives > 0 else "--near-miss-weight",
+    if config.mismatch_share > 0 or config.near_miss_weight > 0:
+        require_near_misses(data.captions(), "--mismatch-share" if config.mismatch_share > 0 else "--near-miss-weight",
                             config.data)
     run_dir = Path(config.work) if config.work else out / "runs" / "gan"
+    if config.resume:
+        _check_resumable(run_dir)
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
     clip = load_clip(text_model / "clip") if config.clip_weight > 0 or config.clip_contrast > 0 else None
     stage = GanStage(data, generator, discriminator, text_encoder, tokenizer, loss=config.loss,
                      r1_gamma=config.r1_gamma, r1_every=config.r1_every, collapse_threshold=config.collapse_threshold,
                      collapse_patience=config.collapse_patience, collapse_after=config.collapse_after,
                      log_every=config.log_every, run_dir=run_dir, clip=clip, clip_weight=config.clip_weight,
-                     uncond_weight=config.uncond_weight, recon_weight=config.recon_weight, kl_weight=config.kl_weight,
-                     encoder=build_encoder(config.size, generator.config.z_dim) if config.recon_weight > 0 else None,
                      d_lr_scale=(config.lr_d / config.lr) if config.lr_d is not None and config.lr > 0 else 1.0,
-                     clip_contrast=config.clip_contrast, patch_weight=config.patch_weight,
-                     patch_discriminator=patch, hard_negatives=config.hard_negatives,
+                     clip_contrast=config.clip_contrast, mismatch_share=config.mismatch_share,
                      near_miss_weight=config.near_miss_weight)
     started = time.time()
     result = run(stage, TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
-        ema_decay=config.ema_decay, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
+        ema_decay=config.ema_decay or None, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
         num_workers=config.num_workers, max_minutes=config.max_minutes))
     if PartialState().is_main_process:
@@ -634,17 +580,11 @@ def train_gan(config: GanTrainConfig) -> Path:
         commands = previous["commands"] if resumed_card else list((init_facts or {}).get("commands", []))
         if config.command and config.command not in commands:
             commands.append(config.command)
-        facts = {"kind": "gan", "commands": commands, "data": config.data, "n": len(data),
-                 "resolution": generator.config.resolution, "text_model": str(config.text_model), "size": config.size,
-                 "steps": result.step, "batch_size": batch_size, "lr": config.lr, "lr_d": config.lr_d or config.lr,
-                 "loss": config.loss,
-                 "r1_gamma": config.r1_gamma, "clip_weight": config.clip_weight, "clip_contrast": config.clip_contrast,
-                 "patch_weight": config.patch_weight, "hard_negatives": config.hard_negatives,
-                 "near_miss_weight": config.near_miss_weight,
-                 "uncond_weight": config.uncond_weight,
-                 "recon_weight": config.recon_weight, "kl_weight": config.kl_weight, "ema_decay": config.ema_decay,
-                 "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)} | (
-                     {"p": count_parameters(patch)} if patch is not None else {}),
+        # the settings, then what they came to: steps done, the data's size, the defaults filled in
+        facts = {"kind": "gan", "commands": commands, **settings(config), "n": len(data),
+                 "resolution": generator.config.resolution, "steps": result.step, "batch_size": batch_size,
+                 "lr_d": config.lr_d or config.lr, "ema_decay": config.ema_decay or None,
+                 "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},
                  "train_time_s": round(last.get("elapsed_s", 0.0), 1), "wall_time_s": round(time.time() - started, 1),
                  "finished": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_facts()}
         if init_facts:

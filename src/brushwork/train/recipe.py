@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -36,6 +36,7 @@ from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae,
 from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
+from brushwork.train.options import SharedConfig, option
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
 
@@ -46,36 +47,37 @@ RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed
                "unet": ("prediction_type", "beta_schedule", "snr_gamma", "caption_dropout")}
 
 
-@dataclass
-class RecipeConfig:
-    data: str
-    out: Path
-    size: str = "small"
-    steps: dict[str, int | None] = field(default_factory=lambda: {"clip": None, "vae": None, "unet": None})
-    batch_size: int | None = None           # None: the size's default
-    n: int | None = None                    # items of the data set to use (shapes: images to draw)
-    resolution: int | None = None           # None: the size's resolution
-    work: Path | None = None                # runs/<stage> go here; None: MODEL/runs
-    resume: bool = False
-    seed: int = 0
-    mixed_precision: str = "auto"
-    lr: dict[str, float] = field(default_factory=lambda: {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4})
-    weight_decay: dict[str, float] = field(default_factory=lambda: {"clip": 0.1, "vae": 0.0, "unet": 0.01})
-    ema_decay: float | None = 0.999         # UNet only
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    hard_negatives: float = 0.0             # CLIP: share of images that also meet near misses of their caption
-    prediction_type: str = "epsilon"
-    beta_schedule: str = "scaled_linear"
-    snr_gamma: float | None = 5.0
-    caption_dropout: float = 0.1
-    kl_weight: float = 1e-6
-    reconstruction: str = "l1"
-    checkpoint_every: int = 500
-    sample_every: int = 500
-    num_workers: int = 0
-    init_unet: str | None = None            # a model folder or shipped name whose unet/ the UNet starts from
-    max_minutes: float | None = None        # each stage stops after this much training (resume goes on)
-    command: str = ""                       # for the model card
+LR = {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4}            # peak learning rates; --lr replaces them
+WEIGHT_DECAY = {"clip": 0.1, "vae": 0.0, "unet": 0.01}
+
+
+@dataclass(kw_only=True)
+class RecipeConfig(SharedConfig):
+    """The options of `brushwork train` and `train clip|vae|unet` (each subcommand takes those of its stage)."""
+
+    size: str = option("small", "--size", help="Model size: tiny (tests), compact (small with fewer layers), "
+                       "small (CPU, hours), base (GPU).")
+    steps_clip: int | None = option(None, "--steps-clip", help="CLIP steps (default: the size's).")
+    steps_vae: int | None = option(None, "--steps-vae", help="VAE steps (default: the size's).")
+    steps_unet: int | None = option(None, "--steps-unet", help="UNet steps (default: the size's).")
+    resolution: int | None = option(None, "--resolution", help="Image side in pixels (default: the size's, 64).")
+    lr: float | None = option(None, "--lr", help="Peak learning rate (default 5e-4; lower suits --init).")
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "--vocab-size",
+                             help="Upper bound of the tokenizer's vocabulary.")
+    hard_negatives: float = option(
+        0.0, "--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, "
+        "one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text "
+        "encoder keeps relations, shapes and counts apart. Shapes captions only. 0: none.")
+    prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
+    beta_schedule: str = option("scaled_linear", "--noise-schedule",
+                                help="linear, scaled_linear or squaredcos_cap_v2.")
+    snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
+    caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
+    init_unet: str | None = option(
+        None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
+        "'shapes') instead of random ones: fine-tuning.")
+    kl_weight: float = 1e-6        # the VAE's KL term
+    reconstruction: str = "l1"     # the VAE's reconstruction loss
 
 
 @dataclass
@@ -95,16 +97,23 @@ class Plan:
     def run_dir(self, stage: str) -> Path:
         return (Path(self.config.work) if self.config.work else self.out / "runs") / stage
 
+    def lr(self, stage: str) -> float:
+        return self.config.lr or LR[stage]
+
 
 def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize, batch_size: int) -> dict:
     keys = [key for group in ("common", *stages) for key in RESUME_KEYS[group]]
     settings = {key: getattr(config, key) for key in keys}
     settings.update(resolution=size.resolution, batch_size=batch_size)
+    if "snr_gamma" in settings:
+        settings["snr_gamma"] = config.snr_gamma or None   # off is null in recipe.json, as it always was
     return json.loads(json.dumps(settings, default=str))
 
 
 def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     """Check every input the user can get wrong, before any training starts; BrushworkError if one is off."""
+    if config.data is None or config.out is None:
+        raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     size = get_size(config.size)
     if config.resolution is not None:
         size = dataclasses.replace(size, resolution=config.resolution)
@@ -114,11 +123,13 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
         raise BrushworkError(f"resolution {size.resolution} does not fit model size {size.name!r}: it must be a "
                              f"multiple of {vae_factor * unet_factor} (VAE and UNet downsampling) and of "
                              f"{size.clip_vision['patch_size']} (CLIP patch size), e.g. 64.")
-    steps = {stage: config.steps.get(stage) or size.steps[stage] for stage in stages}
+    steps = {stage: getattr(config, f"steps_{stage}") or size.steps[stage] for stage in stages}
     batch_size = config.batch_size or size.batch_size
     if batch_size < 1 or min(steps.values()) < 1:
         raise BrushworkError("--batch-size and the step counts must be at least 1.")
     noise_schedule(config.beta_schedule, config.prediction_type)   # raises for unknown names
+    if config.lr is not None and not config.lr > 0:
+        raise BrushworkError(f"--lr must be a positive number, got {config.lr}.")
     if not 0 <= config.hard_negatives <= 1:
         raise BrushworkError(f"--hard-negatives is a share of the images, from 0 to 1; got {config.hard_negatives}.")
     if not 0 <= config.caption_dropout < 1:
@@ -169,8 +180,8 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
 def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainConfig:
     steps = p.steps[stage]
     c = p.config
-    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size, lr=c.lr[stage],
-                       weight_decay=c.weight_decay[stage], warmup_steps=min(500, steps // 20),
+    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size, lr=p.lr(stage),
+                       weight_decay=WEIGHT_DECAY[stage], warmup_steps=min(500, steps // 20),
                        lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
                        checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
                        resume=c.resume, num_workers=c.num_workers, max_minutes=c.max_minutes)
@@ -199,13 +210,13 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
                  commands=commands, machine=machine_facts(),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
-    facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.config.lr[stage],
+    facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.lr(stage),
                               "final_loss": last.get("loss"), "train_time_s": round(last.get("elapsed_s", 0.0), 1),
                               "wall_time_s": round(time.time() - started, 1), "parameters": parameters,
                               "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
     if stage == "unet":
         facts["schedule"] = noise_schedule(p.config.beta_schedule, p.config.prediction_type)
-        facts["ema_decay"] = p.config.ema_decay
+        facts["ema_decay"] = p.config.ema_decay or None
     path.write_text(json.dumps(facts, indent=2) + "\n")
     (p.out / "README.md").write_text(model_card(facts))
 
@@ -361,9 +372,9 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
         extra["initialized_from"] = _init_facts(c.init_unet)
     # Caching every latent up front pays off when training sees each item at least once.
     stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
-                      prediction_type=c.prediction_type, snr_gamma=c.snr_gamma, caption_dropout=c.caption_dropout,
+                      prediction_type=c.prediction_type, snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
                       cache_latents=steps * p.batch_size >= len(p.data))
-    result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay))
+    result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to("cpu"),
                                        scheduler=inference_scheduler(stage.schedule), safety_checker=None,
