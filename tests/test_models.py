@@ -76,9 +76,26 @@ def test_clip_stored_without_its_text_tower_loads_back_whole(tmp_path):
     assert torch.equal(load_clip(tmp_path / "whole").state_dict()["logit_scale"], clip.state_dict()["logit_scale"])
 
     with pytest.raises(BrushworkError, match="differs"):   # only a text tower equal to text_encoder/ may go
-        other = build_clip(get_size("tiny"), 600)
+        other = build_clip(get_size("tiny"), 600, seed=1)
         text_encoder_from_clip(other).save_pretrained(tmp_path / "text_encoder")
         vision_only_state(tmp_path / "whole")
     shutil.rmtree(tmp_path / "text_encoder")
     with pytest.raises(BrushworkError, match="only CLIP's vision tower"):
         load_clip(tmp_path / "clip")
+
+
+def test_initial_weights_come_from_the_seed_alone():
+    size = get_size("tiny")
+    torch.manual_seed(123)
+    state = build_unet(size, seed=7).state_dict()
+    after = torch.rand(1)
+    torch.manual_seed(999)   # the caller's random state neither matters nor changes
+    again = build_unet(size, seed=7).state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)
+    other = build_unet(size, seed=8).state_dict()
+    assert not all(torch.equal(state[k], other[k]) for k in state)
+    for build in (lambda seed: build_vae(size, seed=seed), lambda seed: build_clip(size, 600, seed=seed)):
+        first, second = build(3).state_dict(), build(3).state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)

@@ -205,7 +205,11 @@ def test_min_snr_weights(unet_stage, prediction_type):
     weights = unet_stage.loss_weights(timesteps)
     alphas = unet_stage.noise_scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    expected = snr.clamp(max=5.0) / (snr if prediction_type == "epsilon" else snr + 1)
+    if prediction_type == "epsilon":
+        expected = snr.clamp(max=5.0) / snr
+    else:   # v: weight 1 while SNR + 1 <= γ, so the noisiest steps, which set the layout, keep their weight
+        expected = (snr + 1).clamp(max=5.0) / (snr + 1)
+        assert weights[-1] == 1.0
     torch.testing.assert_close(weights, expected)
     assert weights[0] < 1   # t=0 is nearly noise-free: its huge SNR is clipped to γ
     unet_stage.snr_gamma = None

@@ -226,3 +226,24 @@ def test_gan_reads_yaml_and_its_old_hard_negatives_flag_still_works(tmp_path):
     assert result.exit_code == 1 and "got 3.0" in result.output   # the new name wins
     help_text = _train("gan", "--help").output
     assert "--mismatch-share" in help_text and "--hard-negatives" not in help_text
+
+
+def test_same_command_and_seed_give_the_same_weights(model, tmp_path):
+    """A second run of the fixture's command, in a fresh process, writes bit-identical weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    again = tmp_path / "again"
+    # One thread, as conftest sets for this process: float sums split over other thread counts round otherwise.
+    subprocess.run([sys.executable, "-m", "brushwork.cli", "train", *TINY, "--out", str(again)], check=True,
+                   capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    files = sorted(p.relative_to(model) for p in model.glob("[!r]*/*.safetensors"))
+    assert {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors"} <= {str(f) for f in files}
+    for name in files:
+        first, second = load_file(model / name), load_file(again / name)
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), name

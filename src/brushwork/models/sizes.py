@@ -13,6 +13,8 @@ levels only: on a CPU, attention over the 256 tokens of the 16×16 level costs 2
 
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel
 
@@ -134,21 +136,30 @@ def clip_config(size: ModelSize, vocab_size: int, bos_token_id: int, eos_token_i
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=size.projection_dim)
 
 
+# Each builder draws its initial weights from `seed` alone (the caller's random state is left as it was), so the
+# same command and seed train the same weights.
+
 def build_clip(size: ModelSize, vocab_size: int, bos_token_id: int | None = None,
-               eos_token_id: int | None = None) -> CLIPModel:
+               eos_token_id: int | None = None, seed: int = 0) -> CLIPModel:
     """A fresh CLIPModel. Token ids default to the layout of brushwork.tokenizer (start, end last)."""
     bos_token_id = vocab_size - 2 if bos_token_id is None else bos_token_id
     eos_token_id = vocab_size - 1 if eos_token_id is None else eos_token_id
-    return CLIPModel(clip_config(size, vocab_size, bos_token_id, eos_token_id))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPModel(clip_config(size, vocab_size, bos_token_id, eos_token_id))
 
 
-def build_vae(size: ModelSize) -> AutoencoderKL:
-    return AutoencoderKL(**size.vae, sample_size=size.resolution)
+def build_vae(size: ModelSize, seed: int = 0) -> AutoencoderKL:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**size.vae, sample_size=size.resolution)
 
 
-def build_unet(size: ModelSize) -> UNet2DConditionModel:
-    return UNet2DConditionModel(**size.unet, sample_size=size.latent_size,
-                                cross_attention_dim=size.clip_text["hidden_size"])
+def build_unet(size: ModelSize, seed: int = 0) -> UNet2DConditionModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**size.unet, sample_size=size.latent_size,
+                                    cross_attention_dim=size.clip_text["hidden_size"])
 
 
 def count_parameters(module) -> int:

@@ -44,7 +44,7 @@ STAGES = ("clip", "vae", "unet")
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
 RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed"), "clip": ("vocab_size", "hard_negatives"),
                "vae": ("kl_weight", "reconstruction"),
-               "unet": ("prediction_type", "beta_schedule", "snr_gamma", "caption_dropout")}
+               "unet": ("prediction_type", "beta_schedule", "zero_terminal_snr", "snr_gamma", "caption_dropout")}
 
 
 LR = {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4}            # peak learning rates; --lr replaces them
@@ -71,6 +71,9 @@ class RecipeConfig(SharedConfig):
     prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
     beta_schedule: str = option("scaled_linear", "--noise-schedule",
                                 help="linear, scaled_linear or squaredcos_cap_v2.")
+    zero_terminal_snr: bool = option(
+        False, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train up to pure noise (needs --prediction "
+        "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
     snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
     caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
     init_unet: str | None = option(
@@ -127,7 +130,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     batch_size = config.batch_size or size.batch_size
     if batch_size < 1 or min(steps.values()) < 1:
         raise BrushworkError("--batch-size and the step counts must be at least 1.")
-    noise_schedule(config.beta_schedule, config.prediction_type)   # raises for unknown names
+    noise_schedule(config.beta_schedule, config.prediction_type, zero_terminal_snr=config.zero_terminal_snr)  # raises
     if config.lr is not None and not config.lr > 0:
         raise BrushworkError(f"--lr must be a positive number, got {config.lr}.")
     if not 0 <= config.hard_negatives <= 1:
@@ -215,7 +218,8 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
                               "wall_time_s": round(time.time() - started, 1), "parameters": parameters,
                               "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
     if stage == "unet":
-        facts["schedule"] = noise_schedule(p.config.beta_schedule, p.config.prediction_type)
+        facts["schedule"] = noise_schedule(p.config.beta_schedule, p.config.prediction_type,
+                                           zero_terminal_snr=p.config.zero_terminal_snr)
         facts["ema_decay"] = p.config.ema_decay or None
     path.write_text(json.dumps(facts, indent=2) + "\n")
     (p.out / "README.md").write_text(model_card(facts))
@@ -307,7 +311,7 @@ def train_clip(p: Plan) -> CLIPModel:
         train_tokenizer(p.data.captions(), tokenizer_dir, vocab_size=p.config.vocab_size)
     _barrier()
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    clip = build_clip(p.size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    clip = build_clip(p.size, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=p.config.seed)
     result = run(ClipStage(p.data, tokenizer, clip, hard_negatives=p.config.hard_negatives),
                  _train_config(p, "clip"))
     clip = result.modules["clip"]
@@ -326,7 +330,8 @@ def train_clip(p: Plan) -> CLIPModel:
 def train_vae(p: Plan) -> AutoencoderKL:
     """VAE, then its latents normalised per channel on the data; writes vae/."""
     started = time.time()
-    stage = VaeStage(p.data, build_vae(p.size), reconstruction=p.config.reconstruction, kl_weight=p.config.kl_weight)
+    stage = VaeStage(p.data, build_vae(p.size, seed=p.config.seed), reconstruction=p.config.reconstruction,
+                     kl_weight=p.config.kl_weight)
     result = run(stage, _train_config(p, "vae"))
     vae = result.modules["vae"].vae.eval()
     extra = {"latent_stats": normalize_latents(vae, p.data)}
@@ -366,13 +371,14 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
     vae = AutoencoderKL.from_pretrained(p.out / "vae")
     c = p.config
     steps = p.steps["unet"]
-    unet, extra = build_unet(p.size), {}
+    unet, extra = build_unet(p.size, seed=p.config.seed), {}
     if c.init_unet is not None:
         unet = initial_unet(resolve_model(c.init_unet), text_encoder, vae)
         extra["initialized_from"] = _init_facts(c.init_unet)
     # Caching every latent up front pays off when training sees each item at least once.
     stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
-                      prediction_type=c.prediction_type, snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
+                      prediction_type=c.prediction_type, zero_terminal_snr=c.zero_terminal_snr,
+                      snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
                       cache_latents=steps * p.batch_size >= len(p.data))
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]

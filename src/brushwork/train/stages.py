@@ -64,15 +64,25 @@ def _validation_items(data: Dataset) -> list[dict]:
 
 
 def noise_schedule(beta_schedule: str = "scaled_linear", prediction_type: str = "epsilon",
-                   num_train_timesteps: int = 1000) -> dict:
-    """Scheduler kwargs shared by training (DDPMScheduler) and the saved pipeline (DPMSolverMultistepScheduler)."""
+                   num_train_timesteps: int = 1000, zero_terminal_snr: bool = False) -> dict:
+    """Scheduler kwargs shared by training (DDPMScheduler) and the saved pipeline (DPMSolverMultistepScheduler).
+
+    zero_terminal_snr (Lin et al. 2024): the last training step is pure noise, as sampling starts. Without it
+    the noisiest training input still holds about 7% of the image, so the UNet learns to read the layout from
+    that leak rather than from the caption, and at sampling time places objects where the noise suggests."""
     if beta_schedule not in BETA_RANGES:
         raise BrushworkError(f"unknown noise schedule {beta_schedule!r}: choose one of {', '.join(BETA_RANGES)}.")
     if prediction_type not in PREDICTION_TYPES:
         raise BrushworkError(f"unknown prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}.")
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise BrushworkError("a zero terminal SNR needs v_prediction: at pure noise, the noise is the input itself "
+                             "and predicting it teaches nothing (--prediction v_prediction).")
     beta_start, beta_end = BETA_RANGES[beta_schedule]
-    return dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                beta_schedule=beta_schedule, prediction_type=prediction_type)
+    schedule = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                    beta_schedule=beta_schedule, prediction_type=prediction_type)
+    if zero_terminal_snr:   # sampling must then start at the last step: trailing spacing
+        schedule.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return schedule
 
 
 def inference_scheduler(schedule: dict) -> DPMSolverMultistepScheduler:
@@ -342,15 +352,15 @@ class UnetStage(BaseStage):
 
     def __init__(self, data: Dataset, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
-                 prediction_type: str = "epsilon", snr_gamma: float | None = 5.0, caption_dropout: float = 0.1,
-                 cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
+                 prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
+                 caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
                  sample_steps: int = 20):
         self.data = data
         self.unet = unet
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.vae = vae.requires_grad_(False).eval()
-        self.schedule = noise_schedule(beta_schedule, prediction_type)
+        self.schedule = noise_schedule(beta_schedule, prediction_type, zero_terminal_snr=zero_terminal_snr)
         self.noise_scheduler = DDPMScheduler(**self.schedule)
         self.snr_gamma = snr_gamma
         self.caption_dropout = caption_dropout
@@ -437,14 +447,15 @@ class UnetStage(BaseStage):
         return loss, {"mse": per_sample.detach().mean()}
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR+1) for v."""
+        """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε; for v, min(SNR+1, γ)/(SNR+1), which
+        caps the easy low-noise steps the same way but keeps weight 1 at pure noise (SNR 0), where v is the
+        image itself: min(SNR, γ)/(SNR+1) would give the step that sets the layout no weight at all."""
         if self.snr_gamma is None:
             return torch.ones(len(timesteps), device=timesteps.device)
         snr = compute_snr(self.noise_scheduler, timesteps)
-        clipped = snr.clamp(max=self.snr_gamma)
         if self.schedule["prediction_type"] == "epsilon":
-            return clipped / snr
-        return clipped / (snr + 1)
+            return snr.clamp(max=self.snr_gamma) / snr
+        return (snr + 1).clamp(max=self.snr_gamma) / (snr + 1)
 
     def fingerprint(self) -> dict:
         return {"stage": self.name, "unet": dict(self.unet.config), "schedule": self.schedule,
