@@ -12,7 +12,8 @@ from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, run
 from brushwork.train.stages import (NEAR_MISS_MARGIN, NEAR_MISS_SEPARATION, ClipStage, UnetStage, VaeStage,
-                                    near_miss_texts, normalize_latents, text_encoder_from_clip)
+                                    inference_scheduler, near_miss_texts, noise_schedule, normalize_latents,
+                                    text_encoder_from_clip)
 
 SIZE = get_size("tiny")
 
@@ -223,3 +224,19 @@ def test_unet_trains_with_ema_and_samples(unet_stage, tmp_path):
     assert result.ema is not None
     assert all(torch.isfinite(p).all() for p in result.ema["unet"].parameters())
     assert (tmp_path / "samples" / "step-00000004.png").is_file()
+
+
+def test_zero_terminal_snr_trains_to_pure_noise_and_samples_from_it(data, tokenizer, tmp_path):
+    with pytest.raises(BrushworkError, match="needs v_prediction"):
+        noise_schedule("scaled_linear", "epsilon", zero_terminal_snr=True)
+    clip = build_clip(SIZE, len(tokenizer))
+    stage = UnetStage(data, build_unet(SIZE), text_encoder_from_clip(clip), tokenizer, build_vae(SIZE),
+                      prediction_type="v_prediction", zero_terminal_snr=True, sample_steps=2)
+    assert stage.noise_scheduler.alphas_cumprod[-1] == 0   # the last step keeps nothing of the image
+    assert stage.loss_weights(torch.tensor([999])).item() == 1.0
+    sampler = inference_scheduler(stage.schedule)
+    sampler.set_timesteps(4)
+    assert sampler.timesteps[0] == 999   # sampling starts where training ended: pure noise
+    result = run(stage, TrainConfig(tmp_path, max_steps=2, batch_size=8, sample_every=2, mixed_precision="no"))
+    assert all(torch.isfinite(p).all() for p in result.modules["unet"].parameters())
+    assert (tmp_path / "samples" / "step-00000002.png").is_file()
