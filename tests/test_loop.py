@@ -127,6 +127,14 @@ def test_time_limit_stops_at_a_log_step_with_a_checkpoint_and_resume_goes_on(tmp
     assert finished.step == 40 and [r["step"] for r in read_log(finished.log_path)][-1] == 40
 
 
+def test_a_shared_deadline_stops_the_run_like_its_own_limit(tmp_path):
+    import time
+
+    stopped = run(ToyStage(delay=0.05), make_config(tmp_path, 40, log_every=5, checkpoint_every=0,
+                                                     stop_at=time.time() + 0.1))
+    assert stopped.step == 5 and stopped.checkpoint.name == "step-00000005"
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     result = run(ToyStage(), make_config(tmp_path, 3, resume=True))
     assert result.step == 3 and [r["step"] for r in read_log(result.log_path)] == [1, 2, 3]

@@ -176,13 +176,22 @@ def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_
     assert "--hard-negatives 1.0" in (out / "README.md").read_text()
     logged = json.loads((out / "runs" / "clip" / "log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= logged["near_miss_accuracy"] <= 1.0
-    result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume")
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume", "--hard-negatives", "0")
     assert result.exit_code == 1 and "hard_negatives: 1.0 -> 0.0" in result.output
     result = _train("clip", *TINY, "--out", str(tmp_path / "other"), "--hard-negatives", "1.5")
     assert result.exit_code == 1 and "share of the images, from 0 to 1" in result.output
     result = _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(tmp_path / "p"),
                     "--hard-negatives", "0.5")
     assert result.exit_code == 1 and "shapes grammar" in result.output and "Traceback" not in result.output
+    # by default: near misses for shapes captions (the fixture's model), none for others, with a line that says so
+    result = _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(tmp_path / "p"),
+                    "--steps", "2")
+    assert result.exit_code == 0 and "CLIP trains without near misses" in result.output, result.output
+    assert "hard_negatives" not in json.loads((tmp_path / "p" / "training.json").read_text())["stages"]["clip"]
+
+
+def test_near_misses_are_on_by_default_for_shapes(model):
+    assert json.loads((model / "training.json").read_text())["stages"]["clip"]["hard_negatives"] == 1.0
 
 
 def test_config_file_with_flags_overriding_it(tmp_path):
@@ -247,3 +256,20 @@ def test_same_command_and_seed_give_the_same_weights(model, tmp_path):
         first, second = load_file(model / name), load_file(again / name)
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first), name
+
+
+@pytest.mark.parametrize("args, least", [((), 7), (("unet",), 1)])
+def test_a_budget_too_small_for_a_stage_names_the_minimum(tmp_path, args, least):
+    result = _train(*args, *TINY, "--out", str(tmp_path / "m"), "--max-minutes", "0.5")
+    assert result.exit_code == 1 and f"give at least {least} minutes" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_budget_is_split_across_the_stages_of_the_command(tmp_path):
+    from brushwork.train.recipe import RecipeConfig, plan
+
+    p = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "m", max_minutes=10))
+    ends = {stage: p.stop_at(stage) - p.started for stage in ("clip", "vae", "unet")}
+    # 15% / 20% / 65% of 600 s, each less 5% of its share (at most a minute) for the work after training
+    assert ends == pytest.approx({"clip": 90 - 4.5, "vae": 210 - 6, "unet": 600 - 19.5})
+    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n")).stop_at("unet") is None

@@ -174,9 +174,14 @@ def contradicting_captions(text: str) -> list[str]:
     return sorted({caption for captions in contradictions_by_kind(text).values() for caption in captions})
 
 
+def has_near_misses(captions: Iterable[str], sample: int = 64) -> bool:
+    """Whether near misses can be made for these captions: some of the first `sample` are in the grammar."""
+    return any(map(contradicting_captions, itertools.islice(captions, sample)))
+
+
 def require_near_misses(captions: Iterable[str], option: str, data_name: str, sample: int = 64) -> None:
-    """Raises unless near misses can be made for these captions: some of the first `sample` are in the grammar."""
-    if not any(map(contradicting_captions, itertools.islice(captions, sample))):
+    """Raises unless near misses can be made for these captions (has_near_misses)."""
+    if not has_near_misses(captions, sample):
         raise BrushworkError(f"{option} changes one word of captions in the shapes grammar (\"a blue circle\" for "
                              f"\"a blue square\"); the captions of {data_name} are not in it. Leave it at 0.")
 

@@ -523,9 +523,15 @@ def _init_line(facts: dict) -> str:
     return f", after {before} of {source['checkpoint']}"
 
 
+def _stop_at(started: float, max_minutes: float | None) -> float | None:
+    """When training must stop for the whole command to keep to --max-minutes (a little is left for the export)."""
+    return None if max_minutes is None else started + max_minutes * 60 - min(30.0, 0.05 * max_minutes * 60)
+
+
 def train_gan(config: GanTrainConfig) -> Path:
     """Train G and D on `config.data`, conditioned on the text encoder of `config.text_model`; write the GAN
     folder (config.json, model.safetensors, tokenizer/, text_encoder/, clip/ if present, README.md)."""
+    command_started = time.time()
     size = gan_size(config.size)
     if config.loss not in LOSSES:
         raise BrushworkError(f"unknown GAN loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")
@@ -561,7 +567,7 @@ def train_gan(config: GanTrainConfig) -> Path:
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
         ema_decay=config.ema_decay or None, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
-        num_workers=config.num_workers, max_minutes=config.max_minutes))
+        num_workers=config.num_workers, stop_at=_stop_at(command_started, config.max_minutes)))
     if PartialState().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")
         save_generator(g, out)

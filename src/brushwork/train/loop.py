@@ -79,6 +79,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in out_dir; none there: start at step 0
     num_workers: int = 0  # DataLoader worker processes per training process
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
+    stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
 
 
 class Stage(Protocol):
@@ -594,8 +595,7 @@ class _Trainer:
                     if time_up:
                         if acc.is_main_process:
                             progress.console.print(f"{self.stage.name}: stopped at step {step:,} of "
-                                                   f"{config.max_steps:,}: the {config.max_minutes:g}-minute "
-                                                   "limit is reached (resume to go on)")
+                                                   f"{config.max_steps:,}: its time is up (resume to go on)")
                         break
         finally:
             for name, wrapped in self.wrapped.items():  # undo accelerate's in-place forward patch
@@ -606,9 +606,10 @@ class _Trainer:
 
     def _time_up(self, run_start: float) -> bool:
         """Whether this run has trained for config.max_minutes; every process gets the main process's answer."""
-        if not self.config.max_minutes:
+        minutes, stop_at = self.config.max_minutes, self.config.stop_at
+        if not minutes and stop_at is None:
             return False
-        up = time.perf_counter() - run_start >= self.config.max_minutes * 60
+        up = bool(minutes and time.perf_counter() - run_start >= minutes * 60) or bool(stop_at and time.time() >= stop_at)
         if self.accelerator.num_processes == 1:
             return up
         return bool(broadcast(torch.tensor([up], device=self.accelerator.device), from_process=0).item())

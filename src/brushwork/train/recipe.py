@@ -14,6 +14,7 @@ run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MO
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import time
@@ -27,7 +28,7 @@ from accelerate import PartialState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import require_near_misses
+from brushwork.data.captions import has_near_misses, require_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
@@ -47,6 +48,10 @@ RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed
                "unet": ("prediction_type", "beta_schedule", "zero_terminal_snr", "snr_gamma", "caption_dropout")}
 
 
+# The share of a --max-minutes budget each stage trains for (of the stages the command runs), and the least
+# training a stage may get: a budget that leaves any stage less is refused before work starts.
+BUDGET_SHARES = {"clip": 0.15, "vae": 0.20, "unet": 0.65}
+MIN_STAGE_MINUTES = 1.0
 LR = {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4}            # peak learning rates; --lr replaces them
 WEIGHT_DECAY = {"clip": 0.1, "vae": 0.0, "unet": 0.01}
 
@@ -64,10 +69,11 @@ class RecipeConfig(SharedConfig):
     lr: float | None = option(None, "--lr", help="Peak learning rate (default 5e-4; lower suits --init).")
     vocab_size: int = option(DEFAULT_VOCAB_SIZE, "--vocab-size",
                              help="Upper bound of the tokenizer's vocabulary.")
-    hard_negatives: float = option(
-        0.0, "--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, "
+    hard_negatives: float | None = option(
+        None, "--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, "
         "one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text "
-        "encoder keeps relations, shapes and counts apart. Shapes captions only. 0: none.")
+        "encoder keeps relations, shapes and counts apart. Shapes captions only. Default: 1 where the captions "
+        "allow near misses, else 0.")
     prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
     beta_schedule: str = option("scaled_linear", "--noise-schedule",
                                 help="linear, scaled_linear or squaredcos_cap_v2.")
@@ -88,6 +94,7 @@ class Plan:
     """A checked RecipeConfig: everything a stage needs, resolved before any work starts."""
 
     config: RecipeConfig
+    started: float                          # time.time() when the command started: --max-minutes counts from it
     size: ModelSize
     data: torch.utils.data.Dataset
     steps: dict[str, int]
@@ -103,6 +110,23 @@ class Plan:
     def lr(self, stage: str) -> float:
         return self.config.lr or LR[stage]
 
+    def stop_at(self, stage: str) -> float | None:
+        """When `stage` must stop training (time.time()) so that the whole command keeps to --max-minutes: the
+        end of its share of the budget, less a little for the work after its training (latent statistics,
+        checks, export)."""
+        if self.config.max_minutes is None:
+            return None
+        stages = list(self.steps)
+        shares = budget_shares(tuple(stages))
+        budget = self.config.max_minutes * 60
+        end = self.started + budget * sum(shares[s] for s in stages[:stages.index(stage) + 1])
+        return end - min(60.0, 0.05 * budget * shares[stage])
+
+
+def budget_shares(stages: tuple[str, ...]) -> dict[str, float]:
+    total = sum(BUDGET_SHARES[s] for s in stages)
+    return {s: BUDGET_SHARES[s] / total for s in stages}
+
 
 def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize, batch_size: int) -> dict:
     keys = [key for group in ("common", *stages) for key in RESUME_KEYS[group]]
@@ -115,6 +139,7 @@ def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelS
 
 def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     """Check every input the user can get wrong, before any training starts; BrushworkError if one is off."""
+    started = time.time()
     if config.data is None or config.out is None:
         raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     size = get_size(config.size)
@@ -131,9 +156,17 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     if batch_size < 1 or min(steps.values()) < 1:
         raise BrushworkError("--batch-size and the step counts must be at least 1.")
     noise_schedule(config.beta_schedule, config.prediction_type, zero_terminal_snr=config.zero_terminal_snr)  # raises
+    if config.max_minutes is not None:
+        shares = budget_shares(stages)
+        least = max(MIN_STAGE_MINUTES / share for share in shares.values())
+        if not config.max_minutes >= least:
+            split = ", ".join(f"{stage} {share:.0%}" for stage, share in shares.items())
+            raise BrushworkError(f"--max-minutes {config.max_minutes:g} is too little for {' + '.join(stages)}: the "
+                                 f"budget is split {split}, and each stage needs at least {MIN_STAGE_MINUTES:g} "
+                                 f"minute, so give at least {math.ceil(least)} minutes.")
     if config.lr is not None and not config.lr > 0:
         raise BrushworkError(f"--lr must be a positive number, got {config.lr}.")
-    if not 0 <= config.hard_negatives <= 1:
+    if config.hard_negatives is not None and not 0 <= config.hard_negatives <= 1:
         raise BrushworkError(f"--hard-negatives is a share of the images, from 0 to 1; got {config.hard_negatives}.")
     if not 0 <= config.caption_dropout < 1:
         raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
@@ -160,6 +193,16 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
             raise BrushworkError(f"{out} has no {', '.join(missing)}/: train the clip and vae stages into it first "
                                  "(brushwork train clip / train vae), or run the whole recipe.")
 
+    data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
+    if len(data) == 0:
+        raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
+    if config.hard_negatives is None:   # the default: near misses wherever the captions allow them
+        config = dataclasses.replace(config, hard_negatives=1.0 if has_near_misses(data.captions()) else 0.0)
+        if "clip" in stages and not config.hard_negatives:
+            print(f"The captions of {config.data} are not in the shapes grammar: CLIP trains without near misses.")
+    elif "clip" in stages and config.hard_negatives > 0:
+        require_near_misses(data.captions(), "--hard-negatives", config.data)
+
     settings = _resume_settings(config, stages, size, batch_size)
     recorded = work / "recipe.json"
     previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
@@ -169,15 +212,9 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise BrushworkError(f"cannot resume {out}: it was trained with other settings ({detail}). Use the "
                                  "original settings, or train into a new folder.")
-
-    data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
-    if len(data) == 0:
-        raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
-    if "clip" in stages and config.hard_negatives > 0:
-        require_near_misses(data.captions(), "--hard-negatives", config.data)
     if PartialState().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
-    return Plan(config, size, data, steps, batch_size)
+    return Plan(config, started, size, data, steps, batch_size)
 
 
 def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainConfig:
@@ -187,7 +224,7 @@ def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainC
                        weight_decay=WEIGHT_DECAY[stage], warmup_steps=min(500, steps // 20),
                        lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
                        checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
-                       resume=c.resume, num_workers=c.num_workers, max_minutes=c.max_minutes)
+                       resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage))
 
 
 def _main_process() -> bool:
