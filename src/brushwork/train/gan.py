@@ -50,8 +50,8 @@ from brushwork.models.clip import load_clip
 from brushwork.models.gan import (Discriminator, Encoder, Generator, PatchDiscriminator, build_discriminator,
                                   build_encoder, build_generator, build_patch_discriminator, gan_generate, gan_size,
                                   save_generator)
+from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import count_parameters
-from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
 from brushwork.train.recipe import describe_machine, machine_facts
 from brushwork.train.stages import image_grid
