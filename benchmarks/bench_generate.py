@@ -18,7 +18,6 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from brushwork.generation.auto import BrushworkPipeline
-
 from brushwork.generation.registry import resolve_model
 
 PROMPT = "a red circle above a blue square"

@@ -98,11 +98,8 @@ def generate(
     import torch
 
     from brushwork.generation.auto import BrushworkPipeline
-
     from brushwork.generation.output import GenerationCancelled
-
     from brushwork.generation.registry import shipped_models
-
     from brushwork.generation.samplers import resolve_sampler
     from brushwork.pnginfo import read_parameters, save_png
     from brushwork.watermark import embed
