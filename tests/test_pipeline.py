@@ -1,5 +1,7 @@
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -305,3 +307,10 @@ def test_a_list_of_seeds_gives_each_image_its_own(pipe):
     assert np.abs(pixels(out.images[1]) - pixels(alone)).max() <= 2
     with pytest.raises(BrushworkError, match="got 1 seeds for 2 images"):
         pipe(["a red circle", "a blue square"], seed=[1], **SMALL)
+
+
+def test_generation_imports_without_a_cycle_and_without_eval():
+    # models/gan.py first: it needs the registry while generation's GAN pipeline needs it
+    code = ("import sys, brushwork.models.gan, brushwork.generation.auto, brushwork.pipeline; "
+            "assert not [m for m in sys.modules if m.startswith('brushwork.eval')]")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import torch
+
 from brushwork.generation.base import Text2ImagePipeline
 from brushwork.generation.gan_pipeline import GanPipeline
 from brushwork.generation.pipeline import LatentDiffusionPipeline
@@ -22,9 +24,11 @@ class BrushworkPipeline:
         raise TypeError("BrushworkPipeline picks a pipeline class: use BrushworkPipeline.from_pretrained(model)")
 
     @staticmethod
-    def from_pretrained(path: str | Path | None = None, **kwargs) -> Text2ImagePipeline:
+    def from_pretrained(path: str | Path | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, allow_pickle: bool = False, threads: int | None = None,
+                        compile: bool = False) -> Text2ImagePipeline:
         """path: a model folder, an SD single file or a shipped model's name; None means the default shipped
-        model. The keyword arguments are Text2ImagePipeline.from_pretrained's (device, dtype, allow_pickle,
-        threads, compile)."""
+        model. The other arguments are Text2ImagePipeline.from_pretrained's."""
         path = resolve_model(path)
-        return pipeline_class(path).from_pretrained(path, **kwargs)
+        return pipeline_class(path).from_pretrained(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                                    threads=threads, compile=compile)
