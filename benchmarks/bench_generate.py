@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from brushwork.pipeline import BrushworkPipeline, resolve_model
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.registry import resolve_model
 
 PROMPT = "a red circle above a blue square"
 

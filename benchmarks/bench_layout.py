@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 
 PROMPTS = {"relation": "a red circle above a blue square", "count": "three red circles"}
 

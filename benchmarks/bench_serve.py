@@ -24,7 +24,7 @@ import torch
 
 from brushwork.commands.generate import _quiet_libraries
 from brushwork.commands.serve import make_server
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 from brushwork.serve.app import create_app
 from brushwork.serve.common import ServeConfig
 from brushwork.serve.jobs import compiled_batch_sizes, warm_up

@@ -16,7 +16,7 @@ from PIL import Image
 
 from brushwork.data.dataset import emoji_folder
 from brushwork.eval.report import make_grid
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 
 NAMES = ["grinning face", "red heart", "fire", "thumbs up", "pile of poo", "rocket", "cat face", "dog face",
          "pizza", "sun", "rainbow", "ghost", "alien", "unicorn", "snowman", "four leaf clover"]

@@ -28,8 +28,8 @@ from brushwork.data.captions import (
     parse_caption,
 )
 from brushwork.data.dataset import open_dataset
+from brushwork.generation.registry import resolve_model
 from brushwork.models.gan import build_discriminator, encode_text
-from brushwork.pipeline import resolve_model
 
 PERPENDICULAR = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
 

@@ -18,7 +18,8 @@ from diffusers import DDPMScheduler
 from relation_probe import position_items, relation_near_misses
 
 from brushwork.data.captions import contradictions_by_kind
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.pipeline import LatentDiffusionPipeline
 
 KINDS = ("opposite relation", "perpendicular relation", "objects swapped", "colour (control)")
 
@@ -37,9 +38,9 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = BrushworkPipeline.from_pretrained(args.model, device="cpu")
+    if not isinstance(pipe, LatentDiffusionPipeline):
+        sys.exit(f"Error: {args.model} is a {pipe.model.kind} model; this probe needs a UNet")
     model = pipe.model
-    if model.kind != "diffusion":
-        sys.exit(f"Error: {args.model} is a {model.kind} model; this probe needs a UNet")
     scheduler = DDPMScheduler.from_config(model.scheduler_config)
     items = position_items(args.seed + 777, args.images * 8 + 40)[: args.images]  # about 1 in 4 are position
     timesteps = [int(t) for t in args.timesteps.split(",")]

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from brushwork.pipeline import CLIP_TOKENIZER_DIR
+from brushwork.generation.single_file import CLIP_TOKENIZER_DIR
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from brushwork.cli import app
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import BrushworkPipeline, candidate_seed
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.best_of import candidate_seed
 from brushwork.pnginfo import read_parameters
 
 SMALL = dict(num_inference_steps=3, height=32, width=32)

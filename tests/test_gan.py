@@ -15,8 +15,9 @@ from transformers import CLIPTextModel
 from brushwork.data.captions import all_captions, contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
+from brushwork.generation.gan_pipeline import GanModel
+from brushwork.generation.registry import resolve_model
 from brushwork.models.gan import (
-    GanModel,
     WordAttention,
     build_discriminator,
     build_generator,
@@ -26,7 +27,6 @@ from brushwork.models.gan import (
     save_generator,
 )
 from brushwork.models.sizes import SIZES, build_clip
-from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.gan import (
     GanStage,
@@ -218,11 +218,11 @@ def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
         (out / part).symlink_to(folder / part)
     model = GanModel.from_pretrained(out).to(torch.device("cpu"), torch.float32)
     generators = [torch.Generator().manual_seed(s) for s in (3, 4, 5)]
-    images = model.generate(None, PROMPTS, [""] * 3, generators, 20, 5.0, "dpm++", 32, 32)
+    images = model.generate(PROMPTS, generators, 32, 32)
     expected = torch.stack([torch.tensor(list(im.tobytes())).view(32, 32, 3).permute(2, 0, 1) for im in before])
     assert images.shape == (3, 3, 32, 32) and ((images * 255).round() - expected).abs().max() <= 1
     with pytest.raises(BrushworkError, match="32×32"):
-        model.generate(None, PROMPTS[:1], [""], generators[:1], 20, 5.0, "dpm++", 64, 64)
+        model.generate(PROMPTS[:1], generators[:1], 64, 64)
 
     (out / "model.safetensors").write_bytes(b"not weights")
     with pytest.raises(BrushworkError, match="model.safetensors"):
@@ -256,10 +256,8 @@ def test_the_compiled_generator_matches_eager_with_one_package_for_every_prompt_
     compiled = GanModel.from_pretrained(out).to(torch.device("cpu"), torch.float32)
     compiled.compile()
     for prompts in (PROMPTS[:2], ["a big yellow circle above two small red squares"] * 2):
-        args = ([""] * 2, [torch.Generator().manual_seed(s) for s in (1, 2)], 1, 1.0, "dpm++", 32, 32)
-        a = eager.generate(None, prompts, *args)
-        args = ([""] * 2, [torch.Generator().manual_seed(s) for s in (1, 2)], 1, 1.0, "dpm++", 32, 32)
-        b = compiled.generate(None, prompts, *args)
+        a = eager.generate(prompts, [torch.Generator().manual_seed(s) for s in (1, 2)], 32, 32)
+        b = compiled.generate(prompts, [torch.Generator().manual_seed(s) for s in (1, 2)], 32, 32)
         assert ((a - b).abs() * 255).max() <= 1
     assert len(list((tmp_path / "cache" / "compiled").glob("gan-generator-*.pt2"))) == 1
 
@@ -337,7 +335,7 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
     for name, tensor in text_encoder.state_dict().items():
         assert torch.equal(saved.state_dict()[name], tensor), name
     model = GanModel.from_pretrained(out)
-    images = model.generate(None, PROMPTS, [""] * 3, [torch.Generator().manual_seed(0)] * 3, 1, 0.0, "ddim", 32, 32)
+    images = model.generate(PROMPTS, [torch.Generator().manual_seed(0)] * 3, 32, 32)
     assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
 
     with pytest.raises(BrushworkError, match="text_encoder"):

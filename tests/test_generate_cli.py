@@ -50,17 +50,18 @@ def test_generate_numbered_files_and_info(model_dir, tmp_path):
 
 
 def test_compiled_generation_pads_a_short_last_batch_to_the_compiled_size(model_dir, tmp_path, monkeypatch):
-    from brushwork import pipeline as pipeline_module
+    from brushwork.generation import diffusion_model
+    from brushwork.generation.pipeline import LatentDiffusionPipeline
 
-    monkeypatch.setattr(pipeline_module, "CompiledModule", lambda module, name: module)  # compiling: slow tests
+    monkeypatch.setattr(diffusion_model, "CompiledModule", lambda module, name: module)  # compiling: slow tests
     sizes = []
-    original = pipeline_module.BrushworkPipeline.__call__
+    original = LatentDiffusionPipeline.__call__
 
     def recording_call(self, prompt, **kwargs):
         sizes.append(len(prompt))
         return original(self, prompt, **kwargs)
 
-    monkeypatch.setattr(pipeline_module.BrushworkPipeline, "__call__", recording_call)
+    monkeypatch.setattr(LatentDiffusionPipeline, "__call__", recording_call)
     result = run("generate", "a red circle", "-n", "5", "--batch-size", "2", "--compile", "--seed", "3",
                  "-o", f"{tmp_path}/", model=model_dir)
     assert result.exit_code == 0, result.output

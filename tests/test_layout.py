@@ -8,8 +8,8 @@ from sd_tiny import build_tiny_sd
 
 from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
+from brushwork.generation.auto import BrushworkPipeline
 from brushwork.layout import GAP, START, Region, plan_layout, region_masks, sketch
-from brushwork.pipeline import BrushworkPipeline
 
 SMALL = {"num_inference_steps": 5, "height": 32, "width": 32}
 
@@ -108,7 +108,7 @@ def test_layout_starts_into_the_schedule_with_every_sampler(pipe, sampler):
 
 
 def test_layout_callback_can_replace_and_cancel(pipe):
-    from brushwork.pipeline import GenerationCancelled
+    from brushwork.generation.output import GenerationCancelled
 
     with pytest.raises(GenerationCancelled):
         pipe("a red circle left of a blue square", seed=0, layout=True,

@@ -1,5 +1,7 @@
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,10 +10,13 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from sd_tiny import build_tiny_sd
 
-from brushwork import pipeline as pipeline_module
+import brushwork
 from brushwork.errors import BrushworkError
+from brushwork.generation import base, diffusion_model, registry
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.output import GenerationCancelled
+from brushwork.generation.samplers import SAMPLERS, resolve_sampler
 from brushwork.hardware import CompiledModule
-from brushwork.pipeline import SAMPLERS, BrushworkPipeline, GenerationCancelled, resolve_sampler
 
 SMALL = dict(num_inference_steps=4, height=32, width=32)
 
@@ -41,7 +46,7 @@ def test_same_images_as_diffusers(model_dir, pipe, sampler):
                        generator=torch.Generator().manual_seed(11), **SMALL).images[0]
     assert pixels(ours).std() > 5  # a real image, not a flat one
     assert np.abs(pixels(ours) - pixels(theirs)).max() <= 2
-    assert pipe.model.denoiser.cross_attentions  # with the text's keys and values made once per image
+    assert pipe.model.denoiser is None  # eager sampling runs diffusers' own UNet forward
 
 
 def test_a_scheduler_config_that_does_not_say_gets_sds_clip_sample(model_dir, tmp_path):
@@ -154,7 +159,7 @@ def test_long_prompt_warns(pipe):
 
 
 def test_missing_default_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline_module, "SHIPPED_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", tmp_path / "none")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BrushworkError, match="no default model is installed"):
         BrushworkPipeline.from_pretrained()
@@ -164,9 +169,9 @@ def test_shipped_model_names_resolve(monkeypatch, tmp_path, model_dir):
     shipped = tmp_path / "models"
     shipped.mkdir()
     shutil.copytree(model_dir, shipped / "shapes")
-    monkeypatch.setattr(pipeline_module, "SHIPPED_MODELS_DIR", shipped)
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", shipped)
     monkeypatch.chdir(tmp_path)
-    assert pipeline_module.shipped_models() == ["shapes"]
+    assert registry.shipped_models() == ["shapes"]
     assert BrushworkPipeline.from_pretrained().path == shipped / "shapes"
     assert BrushworkPipeline.from_pretrained("shapes").name == "shapes"
     (tmp_path / "shapes").mkdir()   # e.g. `brushwork data shapes --out shapes`: the default model is still shipped
@@ -211,7 +216,7 @@ def test_bad_model_folders(tmp_path, model_dir):
 
 
 def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffusers_processors(model_dir):
-    from brushwork.pipeline import Denoiser, TextKVAttnProcessor
+    from brushwork.generation.fast_unet import Denoiser, TextKVAttnProcessor
 
     unet = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32).model.unet
     sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
@@ -235,7 +240,7 @@ def test_unet_attention_outside_what_the_text_kv_processor_covers_keeps_diffuser
 def test_denoiser_with_step_embeddings_made_ahead_equals_the_diffusers_unet(model_dir):
     from diffusers import UNet2DConditionModel
 
-    from brushwork.pipeline import Denoiser
+    from brushwork.generation.fast_unet import Denoiser
 
     unet = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32).model.unet
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
@@ -279,18 +284,19 @@ def test_compiled_pipeline_matches_eager_and_reloads_without_compiling(model_dir
 
 def test_compile_casts_the_cpu_unet_to_a_low_dtype_and_fuses_its_projections(model_dir, monkeypatch):
     # Compilation itself is covered by the slow test above; here only what compile() does before it.
-    monkeypatch.setattr(pipeline_module, "CompiledModule", lambda module, name: module)
+    monkeypatch.setattr(diffusion_model, "CompiledModule", lambda module, name: module)
     pipe = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.bfloat16, compile=True)
     assert pipe.model.unet.dtype == torch.bfloat16 and pipe.model.vae.dtype == torch.bfloat16
     half = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float16, compile=True)
     assert half.model.unet.dtype == torch.float16 and half.model.vae.dtype == torch.float32  # fp16 VAEs overflow
     assert all(hasattr(module, "to_qkv") for name, module in pipe.model.unet.named_modules()
                if name.endswith("attn1"))
+    assert pipe.model.denoiser.cross_attentions  # the compiled step makes the text's keys and values once per image
     image = pipe("a red circle", seed=0, **SMALL).images[0]
     assert image.size == (32, 32)
-    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: False)
     assert BrushworkPipeline.from_pretrained(model_dir, compile=True).dtype == torch.float32
-    monkeypatch.setattr(pipeline_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(base, "cpu_has_native_bf16", lambda: True)
     assert BrushworkPipeline.from_pretrained(model_dir, compile=True).dtype == torch.bfloat16
     assert BrushworkPipeline.from_pretrained(model_dir).dtype == torch.float32
 
@@ -302,3 +308,35 @@ def test_a_list_of_seeds_gives_each_image_its_own(pipe):
     assert np.abs(pixels(out.images[1]) - pixels(alone)).max() <= 2
     with pytest.raises(BrushworkError, match="got 1 seeds for 2 images"):
         pipe(["a red circle", "a blue square"], seed=[1], **SMALL)
+
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """brushwork module -> the brushwork modules it imports, at module level or inside functions."""
+    root = Path(brushwork.__file__).parent
+    names = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in names.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        graph[name] = {m for m in imported if m in names and m != name}
+    return graph
+
+
+def test_generation_imports_without_a_cycle_and_without_eval():
+    graph = _module_imports()
+    for name in graph:  # nothing a module imports leads back to it
+        seen, todo = set(), list(graph[name])
+        while todo:
+            module = todo.pop()
+            assert module != name, f"{name} is in an import cycle"
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        if name.startswith("brushwork.generation"):
+            assert not [m for m in seen if m.startswith("brushwork.eval")], name

@@ -7,7 +7,7 @@ import torch
 from sd_tiny import build_tiny_sd, to_original_checkpoint
 
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 
 SMALL = dict(num_inference_steps=4, height=32, width=32, seed=3)
 

@@ -18,7 +18,7 @@ from serve_helpers import GatedPipe, wait_until
 
 from brushwork.commands.serve import is_loopback, serve
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
 from brushwork.serve.app import STATIC_DIR, create_app
 from brushwork.serve.common import Blocklist, ServeConfig

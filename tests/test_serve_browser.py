@@ -9,7 +9,7 @@ import torch
 from sd_tiny import build_tiny_sd
 from serve_helpers import GatedPipe, live_server
 
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 from brushwork.serve.app import create_app
 from brushwork.serve.common import ServeConfig
 

@@ -17,7 +17,7 @@ import webuiapi
 from sd_tiny import build_tiny_sd
 from serve_helpers import GatedPipe, live_server, wait_until
 
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.auto import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
 from brushwork.serve.app import create_app
 from brushwork.serve.common import ServeConfig

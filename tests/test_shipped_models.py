@@ -12,7 +12,8 @@ import brushwork
 from brushwork.cli import app
 from brushwork.data.dataset import emoji_folder
 from brushwork.eval.checker import check, detect_objects
-from brushwork.pipeline import SHIPPED_MODELS_DIR, BrushworkPipeline, shipped_models
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.registry import SHIPPED_MODELS_DIR, shipped_models
 from brushwork.pnginfo import read_parameters
 
 PACKAGE = Path(brushwork.__file__).parent

@@ -97,7 +97,10 @@ def generate(
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
     import torch
 
-    from brushwork.pipeline import BrushworkPipeline, GenerationCancelled, resolve_sampler, shipped_models
+    from brushwork.generation.auto import BrushworkPipeline
+    from brushwork.generation.output import GenerationCancelled
+    from brushwork.generation.registry import shipped_models
+    from brushwork.generation.samplers import resolve_sampler
     from brushwork.pnginfo import read_parameters, save_png
     from brushwork.watermark import embed
 
@@ -150,8 +153,8 @@ def generate(
                         console=console, transient=True)
     with progress, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        one_step = pipe.model.kind == "gan"  # no per-step callback: the bar moves once per batch
-        task = progress.add_task("generate", total=len(jobs) * (1 if one_step else (steps or 20) * best_of))
+        per_image = pipe.resolve_steps(steps) * best_of
+        task = progress.add_task("generate", total=len(jobs) * per_image)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             # Compiled code fits one batch size: a short last batch takes copies (dropped after) rather than
@@ -167,8 +170,8 @@ def generate(
                               callback_on_step_end=advance, layout=layout, best_of=best_of)
             except GenerationCancelled:
                 break
-            if one_step:
-                progress.advance(task, len(batch))
+            # step callbacks moved the bar (a one-step GAN makes none); the batch is done either way
+            progress.update(task, completed=(start + len(batch)) * per_image)
             for k, image in enumerate(result.images[:len(batch)]):
                 image = image if no_watermark else embed(image)
                 written.append(save_png(image, paths[start + k], result.parameters(k)))

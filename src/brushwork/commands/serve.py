@@ -52,7 +52,7 @@ def serve(
     import torch
 
     from brushwork.commands.generate import _quiet_libraries
-    from brushwork.pipeline import BrushworkPipeline
+    from brushwork.generation.auto import BrushworkPipeline
     from brushwork.serve.app import create_app
     from brushwork.serve.common import Blocklist, ServeConfig
     from brushwork.serve.jobs import compiled_batch_sizes, warm_up

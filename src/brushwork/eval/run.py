@@ -24,7 +24,10 @@ from brushwork.errors import BrushworkError
 from brushwork.eval import metrics, report, speed
 from brushwork.eval.checker import check
 from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
-from brushwork.pipeline import MAX_BEST_OF, BrushworkPipeline, resolve_model, resolve_sampler, shipped_models
+from brushwork.generation.auto import BrushworkPipeline
+from brushwork.generation.best_of import MAX_BEST_OF
+from brushwork.generation.registry import resolve_model, shipped_models
+from brushwork.generation.samplers import resolve_sampler
 
 SWEEP_KEYS = {"steps": int, "guidance": float, "sampler": str}
 DATA_NAMES = ("shapes", "emoji")
@@ -294,7 +297,7 @@ def evaluate(config: EvalConfig) -> dict:
         # One untimed call first, so one-time costs (kernel selection, allocations) stay out of seconds per image.
         pipe(prompts[0], num_inference_steps=1, guidance_scale=config.guidance, seed=config.seed, sampler=config.sampler)
         cache: dict[tuple, tuple[list[Image.Image], float]] = {}
-        layout = config.layout and pipe.model.kind == "diffusion"
+        layout = config.layout and pipe.supports_layout
         if config.layout and not layout:
             _warn(notes, f"layout guidance needs a diffusion model: {name} is sampled without it.")
 

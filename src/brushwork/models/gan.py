@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,8 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from brushwork.errors import BrushworkError
-from brushwork.hardware import CompiledModule
+from brushwork.generation.output import to_pil
+from brushwork.generation.registry import resolve_model
 
 GAN_KIND = "gan"
 WEIGHTS_NAME = "model.safetensors"
@@ -254,12 +254,6 @@ def generate_tensor(generator_model: Generator, text_encoder: CLIPTextModel, tok
     return (images.float() / 2 + 0.5).clamp(0, 1).cpu()
 
 
-def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> PIL images."""
-    arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    return [PIL.Image.fromarray(a) for a in arrays]
-
-
 def gan_generate(generator_model: Generator, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  prompts: list[str], seeds: list[int], device: torch.device | str = "cpu") -> list[PIL.Image.Image]:
     """One image per (prompt, seed); the same seed and prompt always give the same image."""
@@ -327,72 +321,8 @@ def text_encoder_folder(folder: Path) -> Path:
     if not source:
         raise BrushworkError(f"GAN folder {folder} is missing its {', '.join(p + '/' for p in missing)}; train it "
                              "again with `brushwork train gan`, which copies them from the text model.")
-    from brushwork.pipeline import resolve_model  # pipeline imports this module
-
     text_folder = resolve_model(source)
     if not all((text_folder / part).is_dir() for part in parts):
         raise BrushworkError(f"GAN folder {folder} takes its text encoder from {source!r}, which has no "
                              "text_encoder/ and tokenizer/.")
     return text_folder
-
-
-class GanModel:
-    """A saved GAN folder behind BrushworkPipeline, with DiffusionModel's interface. Steps, sampler, guidance
-    and negative prompts do not apply to a one-step generator and are ignored."""
-
-    kind = GAN_KIND
-    vae_scale_factor = 1  # any side is checked by generate, which accepts only the native resolution
-
-    def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, generator_model: Generator):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.generator_model = generator_model.eval().requires_grad_(False)
-        self.default_size = generator_model.config.resolution
-        self.max_tokens = tokenizer.model_max_length
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-        self.compiled_generator: CompiledModule | None = None
-
-    @classmethod
-    def from_pretrained(cls, folder: Path) -> "GanModel":
-        folder = Path(folder)
-        text_folder = text_encoder_folder(folder)
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(text_folder / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(text_folder / "text_encoder")
-        except Exception as error:  # transformers raises many kinds for bad files
-            raise BrushworkError(f"could not load the text encoder or tokenizer of {folder}: {error}") from None
-        return cls(tokenizer, text_encoder, load_generator(folder))
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "GanModel":
-        """fp32 on the CPU (a small conv net gains nothing from bf16 there); `dtype` on GPUs."""
-        self.device = device
-        self.dtype = dtype if device.type != "cpu" else torch.float32
-        self.text_encoder.to(device)
-        self.generator_model.to(device, self.dtype)
-        return self
-
-    def token_count(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt, truncation=False).input_ids)
-
-    @property
-    def compiled(self) -> bool:
-        return self.compiled_generator is not None
-
-    def compile(self) -> None:
-        """Compile the generator with AOTInductor (fp32 on the CPU, like eager: its convolutions are small)."""
-        self.compiled_generator = CompiledModule(self.generator_model, "gan-generator")
-
-    def generate(self, pipe, prompts: list[str], negative_prompts: list[str], generators, num_inference_steps: int,
-                 guidance_scale: float, sampler: str, height: int, width: int, callback_on_step_end=None,
-                 layout: bool = False) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] on the CPU; `generators`: one torch.Generator per image, or one for all.
-        layout is refused by the pipeline before this (a one-step GAN has no steps to guide)."""
-        if (height, width) != (self.default_size, self.default_size):
-            raise BrushworkError(f"this GAN makes {self.default_size}×{self.default_size} images only; got "
-                                 f"{width}×{height}. Leave out --width/--height.")
-        if isinstance(generators, torch.Generator) or generators is None:
-            shared = generators if generators is not None else torch.Generator().manual_seed(0)
-            generators = [shared] * len(prompts)
-        return generate_tensor(self.generator_model, self.text_encoder, self.tokenizer, prompts, generators,
-                               self.device, self.compiled_generator)

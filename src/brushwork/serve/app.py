@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brushwork import __version__
-from brushwork.pipeline import BrushworkPipeline
+from brushwork.generation.base import Text2ImagePipeline
 from brushwork.serve import routes_a1111, routes_native, routes_openai, routes_ops
 from brushwork.serve.common import ApiError, ServeConfig, Service, require_api_key
 
@@ -65,7 +65,7 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     return _error(request, 500, body, "internal")
 
 
-def create_app(pipe: BrushworkPipeline, config: ServeConfig | None = None) -> FastAPI:
+def create_app(pipe: Text2ImagePipeline, config: ServeConfig | None = None) -> FastAPI:
     """The app for one loaded pipeline. The generation thread starts and stops with the app's lifespan."""
     config = config or ServeConfig()
     service = Service(pipe, config)

@@ -12,7 +12,8 @@ from pathlib import Path
 from fastapi import Request
 
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import BrushworkPipeline, resolve_sampler
+from brushwork.generation.base import Text2ImagePipeline
+from brushwork.generation.samplers import resolve_sampler
 from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, QueueFull, ShuttingDown
 from brushwork.serve.metrics import Metrics
 from brushwork.serve.schemas import MAX_SEED
@@ -82,7 +83,7 @@ class ApiError(Exception):
 class Service:
     """One server's state: the pipeline, its settings, the scheduler and the metrics."""
 
-    def __init__(self, pipe: BrushworkPipeline, config: ServeConfig):
+    def __init__(self, pipe: Text2ImagePipeline, config: ServeConfig):
         self.pipe = pipe
         self.config = config
         self.metrics = Metrics()
@@ -92,8 +93,8 @@ class Service:
 
     @property
     def default_steps(self) -> int:
-        """A one-step GAN makes its images in one step whatever a request asks; a diffusion model takes the config's."""
-        return 1 if self.pipe.model.kind == "gan" else self.config.default_steps
+        """The steps a request that names none takes (a one-step GAN takes one whatever a request asks)."""
+        return self.pipe.resolve_steps(None, self.config.default_steps)
 
     def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                     guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
@@ -105,7 +106,7 @@ class Service:
         if term is not None:
             raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
                                 "allow", param="prompt", type="prompt_blocked", kind="blocked")
-        if layout and self.pipe.model.kind != "diffusion":
+        if layout and not self.pipe.supports_layout:
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
         if best_of > 1:
@@ -116,7 +117,7 @@ class Service:
                                kind="validation") from None
         return JobRequest(
             prompt=prompt, negative_prompt=negative_prompt,
-            steps=self.default_steps if steps is None or self.pipe.model.kind == "gan" else steps,
+            steps=self.pipe.resolve_steps(steps, self.config.default_steps),
             guidance=guidance if guidance is not None else self.config.default_guidance,
             seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
             sampler=resolve_sampler(sampler),

@@ -22,7 +22,8 @@ import torch
 
 from brushwork import pnginfo, watermark
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import BrushworkPipeline, GenerationCancelled
+from brushwork.generation.base import Text2ImagePipeline
+from brushwork.generation.output import GenerationCancelled
 from brushwork.serve.metrics import Metrics
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -138,7 +139,7 @@ def padded_batch_size(images: int, sizes: list[int]) -> int:
     return min((size for size in sizes if size >= images), default=images)
 
 
-def warm_up(pipe: BrushworkPipeline, sizes: list[int], guidance: float) -> None:
+def warm_up(pipe: Text2ImagePipeline, sizes: list[int], guidance: float) -> None:
     """Run a compiled pipeline once at each batch size, so that no request waits for a compile. Requests with
     guidance 1 or less (no unconditional half) or another image size compile on first use."""
     for size in sizes:
@@ -146,7 +147,7 @@ def warm_up(pipe: BrushworkPipeline, sizes: list[int], guidance: float) -> None:
 
 
 class JobScheduler:
-    def __init__(self, pipe: BrushworkPipeline, metrics: Metrics, max_queue: int = 32, max_batch: int = 8,
+    def __init__(self, pipe: Text2ImagePipeline, metrics: Metrics, max_queue: int = 32, max_batch: int = 8,
                  timeout: float = 300.0, preview_every: int = 5, watermark: bool = True, keep_finished: int = 128):
         self.pipe = pipe
         self.metrics = metrics
@@ -387,8 +388,4 @@ class JobScheduler:
 
     def _previews(self, latents: torch.Tensor, indices: list[int]) -> list[bytes]:
         """PNGs of the images the latents would decode to now (the first image of each job)."""
-        vae = self.pipe.model.vae
-        decoded = vae.decode(latents[indices].to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        arrays = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        images = [PIL.Image.fromarray(array) for array in arrays]
-        return [self._encode(image, "preview") for image in images]
+        return [self._encode(image, "preview") for image in self.pipe.preview_images(latents[indices])]

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from brushwork import __version__
-from brushwork.pipeline import A1111_SAMPLER_NAMES, SAMPLERS
+from brushwork.generation.samplers import A1111_SAMPLER_NAMES, SAMPLERS
 from brushwork.serve.common import ApiError, Service, b64_png, service
 from brushwork.serve.jobs import CANCELLED, RUNNING, SUCCEEDED, Job
 from brushwork.serve.schemas import A1111Txt2ImgRequest

@@ -6,7 +6,7 @@ import json
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
-from brushwork.pipeline import A1111_SAMPLER_NAMES, SAMPLERS
+from brushwork.generation.samplers import A1111_SAMPLER_NAMES, SAMPLERS
 from brushwork.serve import schemas
 from brushwork.serve.common import ApiError, Service, b64_png, service
 from brushwork.serve.jobs import FINAL, Job
@@ -59,7 +59,7 @@ def info(svc: Service = Depends(service)) -> dict:
                    "best_of": schemas.MAX_BEST_OF if svc.pipe.clip_folder else 1},  # 1: no CLIP to rank with
         "samplers": [{"name": name, "a1111_name": A1111_SAMPLER_NAMES[name]} for name in SAMPLERS],
         "watermark": config.watermark,
-        "layout": svc.pipe.model.kind == "diffusion",  # whether requests may ask for layout guidance
+        "layout": svc.pipe.supports_layout,  # whether requests may ask for layout guidance
     }
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from brushwork.errors import BrushworkError
-from brushwork.pipeline import resolve_sampler
+from brushwork.generation.samplers import resolve_sampler
 
 MAX_STEPS = 150
 MAX_IMAGES = 16  # per request

@@ -43,11 +43,11 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from brushwork.data.captions import contradictions_by_kind, require_near_misses
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
+from brushwork.generation.registry import resolve_model
 from brushwork.models.clip import load_clip
 from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
-from brushwork.pipeline import resolve_model
 from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
 from brushwork.train.options import SharedConfig, option, settings
 from brushwork.train.recipe import describe_machine, machine_facts

@@ -33,8 +33,8 @@ from brushwork.data.dataset import open_dataset
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
+from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
-from brushwork.pipeline import resolve_model
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
 from brushwork.train.options import SharedConfig, option
