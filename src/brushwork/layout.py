@@ -2,7 +2,7 @@
 square") or how many there are ("three red circles"), the sampler is told where to draw each one.
 
 A text-to-image model learns "left of" only from captions, and the small shipped models never did (see
-README: position at chance). Layout guidance does not need the model to: `plan_layout` reads the relation
+docs/experiments.md). Layout guidance does not need the model to: `plan_layout` reads the relation
 and gives each side of it a region of the canvas (a counting prompt: each copy). generation/layout_guidance.py
 then starts sampling from a sketch with a neutral grey disc in each region, noised to `START` of the schedule
 (as img2img does); a relation's regions are denoised with their own phrases until `REGIONAL_UNTIL`, the rest
@@ -10,7 +10,8 @@ of the canvas with the negative prompt, and the whole prompt takes the last step
 recipe of layout-grounded methods (a plan, then region-wise prompting), written here because diffusers has no
 region prompting for its schedulers.
 
-The constants were chosen on shapes position and counting prompts (seeds other than eval's): see README.
+The constants were chosen on shapes position and counting prompts (seeds other than eval's): see
+docs/experiments.md.
 """
 
 from __future__ import annotations
