@@ -51,6 +51,7 @@ def refuse_to_compile(*args, **kwargs):
     raise AssertionError("compiled again instead of loading the kept package")
 
 
+@pytest.mark.slow   # a real AOTInductor compile takes minutes even for this module
 @needs_cpp_compiler
 @torch.no_grad()
 def test_compiled_module_matches_eager_and_a_new_instance_loads_the_kept_package(tiny, cache, monkeypatch):

@@ -229,7 +229,6 @@ def test_save_load_round_trip_and_gan_model(text_model, tmp_path):
         load_generator(out)
 
 
-@pytest.mark.slow
 def test_word_attention_is_multihead_attention_on_its_weights():
     torch.manual_seed(0)
     layer = WordAttention(64, 96, heads=2).eval()
@@ -244,6 +243,7 @@ def test_word_attention_is_multihead_attention_on_its_weights():
         torch.testing.assert_close(layer(h, words, word_mask), expected)
 
 
+@pytest.mark.slow   # AOTInductor compiles C++ for minutes; the package's cache key and errors are tested fast in test_compile
 def test_the_compiled_generator_matches_eager_with_one_package_for_every_prompt_length(text_model, tmp_path,
                                                                                       monkeypatch):
     monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path / "cache"))

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "relation_probe.py"
 
 
@@ -29,6 +31,7 @@ def test_relation_near_misses_are_named_by_what_changed(monkeypatch):
         "objects swapped": "a blue square above a red circle"}
 
 
+@pytest.mark.slow   # the refusal test below runs the same script in the default run
 def test_unet_relation_probe_scores_each_kind_of_near_miss_against_the_own_caption():
     script = SCRIPT.parent / "unet_relation_probe.py"
     result = subprocess.run([sys.executable, str(script), "--model", "shapes", "--images", "6", "--timesteps", "500,800",
