@@ -99,3 +99,16 @@ def test_initial_weights_come_from_the_seed_alone():
     for build in (lambda seed: build_vae(size, seed=seed), lambda seed: build_clip(size, 600, seed=seed)):
         first, second = build(3).state_dict(), build(3).state_dict()
         assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_gan_initial_weights_come_from_the_seed_alone():
+    from brushwork.models.gan import build_discriminator, build_generator
+
+    for build in (build_generator, build_discriminator):
+        torch.manual_seed(1)
+        first = build("tiny", 32, seed=5).state_dict()
+        torch.manual_seed(2)
+        second = build("tiny", 32, seed=5).state_dict()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+        other = build("tiny", 32, seed=6).state_dict()
+        assert not all(torch.equal(first[k], other[k]) for k in first)

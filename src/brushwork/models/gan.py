@@ -202,12 +202,18 @@ class Discriminator(nn.Module):
         return self.out(joint.flatten(1)).squeeze(1) + projection
 
 
-def build_generator(size: str, text_dim: int) -> Generator:
-    return Generator(GeneratorConfig(text_dim=text_dim, **gan_size(size)["g"]))
+# Initial weights from `seed` alone (the caller's random state is left as it was), as models/sizes.py builds.
+
+def build_generator(size: str, text_dim: int, seed: int = 0) -> Generator:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Generator(GeneratorConfig(text_dim=text_dim, **gan_size(size)["g"]))
 
 
-def build_discriminator(size: str, text_dim: int) -> Discriminator:
-    return Discriminator(DiscriminatorConfig(text_dim=text_dim, **gan_size(size)["d"]))
+def build_discriminator(size: str, text_dim: int, seed: int = 0) -> Discriminator:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)   # not the generator's stream
+        return Discriminator(DiscriminatorConfig(text_dim=text_dim, **gan_size(size)["d"]))
 
 
 # ---- text features ------------------------------------------------------------------------------

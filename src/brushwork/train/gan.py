@@ -542,7 +542,8 @@ def train_gan(config: GanTrainConfig) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(text_model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
     text_dim = text_encoder.config.hidden_size
-    generator, discriminator = build_generator(config.size, text_dim), build_discriminator(config.size, text_dim)
+    generator, discriminator = (build_generator(config.size, text_dim, seed=config.seed),
+                                build_discriminator(config.size, text_dim, seed=config.seed))
     init = init_checkpoint(config.init) if config.init is not None else None
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init)
