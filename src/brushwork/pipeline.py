@@ -14,7 +14,7 @@ import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +59,7 @@ from brushwork.layout import (
     sketch,
 )
 from brushwork.models.gan import GanModel, is_gan_folder, text_encoder_folder
+from brushwork.models.loading import load_pretrained
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 SHIPPED_MODELS_DIR = ASSETS_DIR / "models"
@@ -529,9 +530,10 @@ def _load_diffusers_folder(folder: Path) -> DiffusionModel:
         raise BrushworkError(f"{folder / 'model_index.json'} names no unet; only Stable Diffusion-style folders "
                              "(unet, vae, text_encoder, tokenizer, scheduler) are supported")
     tokenizer = _load_component("tokenizer", CLIPTokenizer.from_pretrained, folder / "tokenizer")
-    text_encoder = _load_component("text encoder", CLIPTextModel.from_pretrained, folder / "text_encoder")
-    unet = _load_component("unet", UNet2DConditionModel.from_pretrained, folder / "unet")
-    vae = _load_component("vae", AutoencoderKL.from_pretrained, folder / "vae")
+    text_encoder = _load_component("text encoder", partial(load_pretrained, "text encoder", CLIPTextModel),
+                                   folder / "text_encoder")
+    unet = _load_component("unet", partial(load_pretrained, "unet", UNet2DConditionModel), folder / "unet")
+    vae = _load_component("vae", partial(load_pretrained, "vae", AutoencoderKL), folder / "vae")
     return DiffusionModel(tokenizer, text_encoder, unet, vae, scheduler_config)
 
 

@@ -27,12 +27,13 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from brushwork.errors import BrushworkError
 from brushwork.hardware import CompiledModule
+from brushwork.models.loading import load_pretrained, load_state
 
 GAN_KIND = "gan"
 WEIGHTS_NAME = "model.safetensors"
@@ -351,11 +352,12 @@ def load_generator(folder: Path) -> Generator:
     except (OSError, ValueError, TypeError) as error:
         raise BrushworkError(f"{folder / 'config.json'} is not a readable GAN generator config: {error}") from None
     try:
-        load_model(generator_model, str(folder / WEIGHTS_NAME), strict=True)
+        state = load_file(folder / WEIGHTS_NAME)
     except Exception as error:  # safetensors raises its own error type for a corrupt header
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BrushworkError(f"{folder / WEIGHTS_NAME}: cannot load the generator weights ({message}); "
                              "is the folder complete?") from None
+    load_state("GAN generator", generator_model, state, folder / WEIGHTS_NAME)
     return generator_model.eval().requires_grad_(False)
 
 
@@ -406,7 +408,9 @@ class GanModel:
         text_folder = text_encoder_folder(folder)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(text_folder / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(text_folder / "text_encoder")
+            text_encoder = load_pretrained("text encoder", CLIPTextModel, text_folder / "text_encoder")
+        except BrushworkError:
+            raise
         except Exception as error:  # transformers raises many kinds for bad files
             raise BrushworkError(f"could not load the text encoder or tokenizer of {folder}: {error}") from None
         return cls(tokenizer, text_encoder, load_generator(folder))
