@@ -45,6 +45,7 @@ def import_every_module() -> None:
 
 def write(out: Path) -> None:
     import torch
+    from PIL import Image
 
     from brushwork.pipeline import BrushworkPipeline, shipped_models
 
@@ -57,7 +58,7 @@ def write(out: Path) -> None:
         steps = STEPS if pipe.model.kind == "diffusion" else 1
         arrays[f"{name}/images"] = pipe(prompts, seed=SEED, num_inference_steps=steps, output_type="np").images
         if pipe.clip_folder is not None and pipe.model.kind == "diffusion":
-            images = pipe(prompts, seed=SEED, num_inference_steps=steps).images
+            images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays[f"{name}/images"]]
             arrays[f"{name}/clip_text"] = pipe.ranker.text_embeds(prompts).numpy()
             arrays[f"{name}/clip_image"] = pipe.ranker.image_embeds(images).numpy()
     np.savez(out, versions=np.array(versions()), **arrays)
