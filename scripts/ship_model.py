@@ -7,6 +7,9 @@ Training runs (checkpoints, logs, samples) stay behind. fp16 halves the package;
 the dtype they run in (fp32 on CPU), and the shipped model's eval numbers are measured on these files.
 Nothing is stored twice: clip/ loses its text tower (the same weights as text_encoder/; brushwork.models.clip
 puts it back), and a GAN whose text encoder equals a shipped model's names that model instead of a copy.
+Every supported library version reads what is shipped: text_encoder/ keys carry the `text_model.` prefix
+(transformers 5 saves them without it, which transformers 4 loads as random weights), and clip/ gets the
+tokenizer's vocab.json and merges.txt (transformers 4's CLIPTokenizer cannot read tokenizer.json alone).
 """
 
 import argparse
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from brushwork.models.clip import vision_only_state
+from brushwork.models.clip import text_encoder_state, vision_only_state
 
 PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "src" / "brushwork" / "assets" / "models"
 LEFT_BEHIND = {"runs"}
@@ -44,8 +47,8 @@ def tokenizer_definition(folder: Path) -> dict:
 def check_same_text_encoder(source: Path, shipped: str) -> None:
     """A GAN may drop its text_encoder/ and tokenizer/ only when they are the shipped model's, in fp16."""
     other = PACKAGE_MODELS / shipped
-    ours = half(load_file(source / "text_encoder" / "model.safetensors"))
-    theirs = load_file(other / "text_encoder" / "model.safetensors")
+    ours = half(text_encoder_state(source / "text_encoder"))
+    theirs = text_encoder_state(other / "text_encoder")
     same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     same = same and tokenizer_definition(source / "tokenizer") == tokenizer_definition(other / "tokenizer")
     if not same:
@@ -68,6 +71,8 @@ def ship(source: Path, name: str, keep_clip: bool = True, text_encoder_from: str
         destination.parent.mkdir(parents=True, exist_ok=True)
         if relative == Path("clip/model.safetensors") and (source / "text_encoder").is_dir():
             save_file(half(vision_only_state(path.parent)), destination, metadata={"format": "pt"})
+        elif relative == Path("text_encoder/model.safetensors"):
+            save_file(half(text_encoder_state(path.parent)), destination, metadata={"format": "pt"})
         elif path.suffix == ".safetensors":
             save_file(half(load_file(path)), destination, metadata={"format": "pt"})
         elif relative == Path("config.json") and text_encoder_from:
@@ -76,6 +81,10 @@ def ship(source: Path, name: str, keep_clip: bool = True, text_encoder_from: str
             write_config_without_local_paths(path, destination)
         else:
             shutil.copy2(path, destination)
+    if (staging / "clip").is_dir() and (source / "tokenizer").is_dir():
+        for vocabulary in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            if not (staging / "clip" / vocabulary).exists() and (source / "tokenizer" / vocabulary).exists():
+                shutil.copy2(source / "tokenizer" / vocabulary, staging / "clip" / vocabulary)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

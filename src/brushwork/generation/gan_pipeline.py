@@ -17,6 +17,7 @@ from brushwork.generation.base import Text2ImagePipeline, num_threads
 from brushwork.generation.best_of import sample_best_of
 from brushwork.generation.output import GenerationOutput
 from brushwork.hardware import CompiledModule
+from brushwork.models.loading import load_pretrained
 from brushwork.models.gan import GAN_KIND, Generator, generate_tensor, load_generator, text_encoder_folder
 
 
@@ -41,7 +42,9 @@ class GanModel:
         text_folder = text_encoder_folder(folder)
         try:
             tokenizer = CLIPTokenizer.from_pretrained(text_folder / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(text_folder / "text_encoder")
+            text_encoder = load_pretrained("text encoder", CLIPTextModel, text_folder / "text_encoder")
+        except BrushworkError:
+            raise
         except Exception as error:  # transformers raises many kinds for bad files
             raise BrushworkError(f"could not load the text encoder or tokenizer of {folder}: {error}") from None
         return cls(tokenizer, text_encoder, load_generator(folder))

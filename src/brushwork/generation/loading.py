@@ -2,6 +2,7 @@
 file."""
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,7 @@ from brushwork.errors import BrushworkError
 from brushwork.generation.diffusion_model import DiffusionModel
 from brushwork.generation.registry import check_model_exists
 from brushwork.generation.single_file import load_single_file
+from brushwork.models.loading import load_pretrained
 
 
 def _load_component(kind: str, loader: Callable, folder: Path):
@@ -40,9 +42,10 @@ def _load_diffusers_folder(folder: Path) -> DiffusionModel:
         raise BrushworkError(f"{folder / 'model_index.json'} names no unet; only Stable Diffusion-style folders "
                              "(unet, vae, text_encoder, tokenizer, scheduler) are supported")
     tokenizer = _load_component("tokenizer", CLIPTokenizer.from_pretrained, folder / "tokenizer")
-    text_encoder = _load_component("text encoder", CLIPTextModel.from_pretrained, folder / "text_encoder")
-    unet = _load_component("unet", UNet2DConditionModel.from_pretrained, folder / "unet")
-    vae = _load_component("vae", AutoencoderKL.from_pretrained, folder / "vae")
+    text_encoder = _load_component("text encoder", partial(load_pretrained, "text encoder", CLIPTextModel),
+                                   folder / "text_encoder")
+    unet = _load_component("unet", partial(load_pretrained, "unet", UNet2DConditionModel), folder / "unet")
+    vae = _load_component("vae", partial(load_pretrained, "vae", AutoencoderKL), folder / "vae")
     return DiffusionModel(tokenizer, text_encoder, unet, vae, scheduler_config)
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from brushwork.errors import BrushworkError
 from brushwork.generation.output import to_pil
 from brushwork.generation.registry import resolve_model
+from brushwork.models.loading import load_pretrained, load_state
 
 GAN_KIND = "gan"
 WEIGHTS_NAME = "model.safetensors"
@@ -304,11 +305,12 @@ def load_generator(folder: Path) -> Generator:
     except (OSError, ValueError, TypeError) as error:
         raise BrushworkError(f"{folder / 'config.json'} is not a readable GAN generator config: {error}") from None
     try:
-        load_model(generator_model, str(folder / WEIGHTS_NAME), strict=True)
+        state = load_file(folder / WEIGHTS_NAME)
     except Exception as error:  # safetensors raises its own error type for a corrupt header
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BrushworkError(f"{folder / WEIGHTS_NAME}: cannot load the generator weights ({message}); "
                              "is the folder complete?") from None
+    load_state("GAN generator", generator_model, state, folder / WEIGHTS_NAME)
     return generator_model.eval().requires_grad_(False)
 
 
