@@ -22,7 +22,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, svc: Se
     width, height = body.width_height()
     job = svc.submit(svc.job_request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                      guidance=body.guidance, seed=body.seed, n=body.n, sampler=body.sampler,
-                                     width=width, height=height), api="openai")
+                                     width=width, height=height, size_param="size"), api="openai")
     await svc.wait(job, request)
     if job.state != SUCCEEDED:
         raise ApiError(job.error_status, f"image generation {job.state}: {job.error}",
