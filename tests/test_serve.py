@@ -366,7 +366,24 @@ def test_blocklist_rejects_prompts_with_reason(pipe, tmp_path):
         assert refused.status_code == 400
         assert refused.json()["error"]["param"] == "prompt" and "'bad'" in refused.json()["error"]["message"]
         assert client.post("/sdapi/v1/txt2img", json={"prompt": "bad"}).status_code == 400
-        assert client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "bad"}).status_code == 202
+        assert client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "a badge"}).status_code == 202
+        refused = client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "bad"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "negative_prompt"
+
+
+def test_blocklist_sees_through_invisible_characters_and_look_alike_letters():
+    blocklist = Blocklist(["circle", "Big Square"])
+    cases = {"a cir\u200bcle": "circle",  # zero-width space
+             "a cir\u00adcle": "circle",  # soft hyphen
+             "a \u0441ircle": "circle",  # Cyrillic small es
+             "A CIRCL\u0415": "circle",  # Cyrillic capital ie
+             "\uff43\uff49\uff52\uff43\uff4c\uff45": "circle",  # fullwidth letters
+             "a big\u2060 \u0455quare": "big square",  # word joiner, Cyrillic dze
+             "a ci\u0433cle": None}  # Cyrillic ghe looks like no Latin letter
+    for prompt, expected in cases.items():
+        assert blocklist.match(prompt) == expected, ascii(prompt)
+    assert blocklist.match("circles and big squares") is None  # whole words only
+    assert blocklist.match("\u043a\u0440\u0443\u0433") is None  # Russian for circle is not the English word
 
 
 def test_metrics_and_ops(pipe):

@@ -22,9 +22,16 @@ from brushwork.serve.schemas import MAX_SEED, MAX_SIDE
 DEFAULT_COST_IMAGE_STEPS = 1200
 
 
+# Letters of other scripts that look like Latin ones, as a blocklist bypass uses them ("сircle" with a
+# Cyrillic с). Capitals are folded before case folding, where Greek Ν (N) and ν (v) still differ.
+_CAPITAL_LOOKALIKES = str.maketrans("АВЕКМНОРСТХУІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧ", "ABEKMHOPCTXYIJSABEZHIKMNOPTYX")
+_SMALL_LOOKALIKES = str.maketrans("аеорсухіјѕһԁԛԝӏοαικνρτυχ", "aeopcyxijshdqwloaikvptux")
+
+
 class Blocklist:
     """Terms (one per line, `#` comments) that a prompt may not contain, matched as whole words after
-    Unicode normalisation and case folding."""
+    Unicode normalisation (NFKC), removal of invisible format characters (zero-width space, soft hyphen),
+    folding of Cyrillic and Greek look-alike letters, and case folding."""
 
     def __init__(self, terms: list[str], source: str = "blocklist"):
         self.terms = [t for t in (self._normalise(t) for t in terms) if t]
@@ -33,7 +40,10 @@ class Blocklist:
 
     @staticmethod
     def _normalise(text: str) -> str:
-        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(char for char in text if unicodedata.category(char) != "Cf")
+        text = text.translate(_CAPITAL_LOOKALIKES).casefold().translate(_SMALL_LOOKALIKES)
+        return " ".join(text.split())
 
     @classmethod
     def from_file(cls, path: Path) -> "Blocklist":
@@ -122,10 +132,11 @@ class Service:
         """A complete job from checked request fields: defaults filled in, the prompt filtered, the size and cost
         within this server's limits. size_param: the request field that set width and height, when not those."""
         blocklist = self.config.blocklist
-        term = blocklist.match(prompt) if blocklist else None
-        if term is not None:
-            raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
-                                "allow", param="prompt", type="prompt_blocked", kind="blocked")
+        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            term = blocklist.match(text) if blocklist else None
+            if term is not None:
+                raise ApiError(400, f"{field} rejected: it contains '{term}', which this server's blocklist does "
+                                    "not allow", param=field, type="prompt_blocked", kind="blocked")
         if layout and not self.pipe.supports_layout:
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
