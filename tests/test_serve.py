@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sd_tiny import build_tiny_sd
 from serve_helpers import GatedPipe, SlowStepPipe, live_server, wait_until
 
-from brushwork.commands.serve import is_loopback, serve
+from brushwork.commands.serve import is_loopback, loopback_hosts, serve
 from brushwork.errors import BrushworkError
 from brushwork.generation.auto import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
@@ -290,6 +290,20 @@ def test_request_bodies_above_the_limit_get_413_before_they_are_read(pipe):
             connection.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                b"Content-Length: 200000000\r\n\r\n")
             assert connection.recv(1000).startswith(b"HTTP/1.1 413")
+
+
+def test_a_loopback_server_answers_only_its_own_host_names(pipe):
+    hosts = loopback_hosts("127.0.0.1", ["box.local"])
+    assert hosts == ("localhost", "127.0.0.1", "[::1]", "box.local")
+    with client_for(pipe, allowed_hosts=hosts, public_url="http://127.0.0.1:7860") as client:
+        for name in ["localhost:7860", "127.0.0.1", "[::1]:7860", "BOX.local"]:
+            assert client.get("/health", headers={"host": name}).status_code == 200, name
+        refused = client.get("/v1/info", headers={"host": "attacker.example:7860"})  # DNS rebinding
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert "'attacker.example'" in refused.json()["error"]["message"]
+        data = client.post("/v1/images/generations", json={"prompt": "a", "response_format": "url"},
+                           headers={"host": "localhost"}).json()
+        assert data["data"][0]["url"].startswith("http://127.0.0.1:7860/v1/jobs/")  # not from the Host header
 
 
 HUNDRED_KB = "a" * 100_000

@@ -21,6 +21,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def loopback_hosts(host: str, extra: list[str]) -> tuple[str, ...]:
+    """The Host names a loopback server answers to (DNS rebinding sends another)."""
+    return tuple(dict.fromkeys(["localhost", "127.0.0.1", "[::1]", url_host(host), *extra]))
+
+
 def _check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -48,6 +57,8 @@ def serve(
     max_size: Annotated[Optional[int], typer.Option(help="Largest width or height a request may ask for [default: twice the model's size].")] = None,
     max_cost: Annotated[Optional[int], typer.Option(help="Work a request may ask for, in pixel-steps: width x height x steps x images x best_of [default: 1200 image-steps at the model's size].")] = None,
     max_body: Annotated[int, typer.Option(help="Bytes a request body may hold; more are answered 413.")] = 1_000_000,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A Host name a loopback server answers to besides localhost, 127.0.0.1 and [::1] (repeatable); other names get 400.")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="Base of the image URLs the OpenAI API returns [default: http://HOST:PORT on loopback, else the address the request came to].")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model for batch sizes 1, 2, 4, ... up to --max-batch before serving (2-3 minutes a size the first time, then loaded from the cache in a second): about 2.5-3x faster sampling on a CPU with bf16.")] = False,
 ) -> None:
@@ -74,7 +85,9 @@ def serve(
             raise BrushworkError(f"{name} must be positive, got {value}")
     config = ServeConfig(api_key=api_key, watermark=not no_watermark, max_queue=max_queue, max_batch=max_batch,
                          timeout=timeout, blocklist=Blocklist.from_file(blocklist) if blocklist else None,
-                         max_side=max_size, max_cost=max_cost, max_body=max_body)
+                         max_side=max_size, max_cost=max_cost, max_body=max_body,
+                         allowed_hosts=loopback_hosts(host, allowed_host or []) if is_loopback(host) else None,
+                         public_url=public_url or (f"http://{url_host(host)}:{port}" if is_loopback(host) else None))
     _check_port_free(host, port)
 
     _quiet_libraries()

@@ -94,6 +94,27 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+class HostCheck:
+    """ASGI middleware: 400 for a request whose Host header names none of `allowed` (a web page on another
+    site could otherwise reach a loopback server through DNS rebinding)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {host.lower() for host in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        header = dict(scope["headers"]).get(b"host") if scope["type"] in ("http", "websocket") else None
+        if header is not None:
+            host = header.decode("latin-1").lower()
+            name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                error = ApiError(400, f"Host {name!r} is not a name this server answers to ({names}); serve "
+                                      "--allowed-host NAME adds one", param="Host", code="host_not_allowed")
+                response = await _api_error(Request(scope), error)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error in %s %s", request.method, request.url.path)
     body = {"error": {"message": f"internal error: {type(error).__name__}", "type": "server_error", "param": None,
@@ -132,4 +153,6 @@ def create_app(pipe: Text2ImagePipeline, config: ServeConfig | None = None) -> F
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=config.max_body)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     return app

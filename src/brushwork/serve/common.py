@@ -82,6 +82,10 @@ class ServeConfig:
     max_cost: int | None = None
     max_side: int | None = None  # largest width or height; None: twice the model's own size
     max_body: int = 1_000_000  # bytes of a request body; more gets 413 before it is read
+    # Host header names answered (no port; IPv6 in brackets); others get 400, which stops DNS rebinding of a
+    # loopback server. None: any.
+    allowed_hosts: tuple[str, ...] | None = None
+    public_url: str | None = None  # base of the URLs in responses; None: the one the request came to
 
 
 class ApiError(Exception):

@@ -29,7 +29,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request, svc: Se
                        type="server_error" if job.error_status >= 500 else "invalid_request_error",
                        kind=None)  # counted when the job finished
     if body.response_format == "url":
-        base = str(request.base_url).rstrip("/")
+        base = (svc.config.public_url or str(request.base_url)).rstrip("/")
         data = [{"url": f"{base}/v1/jobs/{job.id}/images/{i}.png", "revised_prompt": None}
                 for i in range(len(job.images))]
     else:
