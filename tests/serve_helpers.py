@@ -67,3 +67,30 @@ def wait_until(condition, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+class SlowStepPipe:
+    """Wraps a BrushworkPipeline: each call first waits for `gate` (set by default), then spends `seconds` in
+    torch module calls without a step callback (one long step, like a 1024 px image on a 64 px model), then
+    makes the real call."""
+
+    def __init__(self, pipe, seconds: float):
+        self.pipe = pipe
+        self.seconds = seconds
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompts, **kwargs):
+        import torch
+
+        self.entered.set()
+        self.gate.wait(30)
+        layer, end = torch.nn.Identity(), time.monotonic() + self.seconds
+        while time.monotonic() < end:
+            layer(torch.zeros(1))
+            time.sleep(0.01)
+        return self.pipe(prompts, **kwargs)

@@ -1,6 +1,7 @@
 """The training loop on toy stages: learning, logs, checkpoints, EMA, NaN stop, GAN, config errors, data order."""
 
 import json
+import os
 import math
 
 import pytest
@@ -256,3 +257,37 @@ def test_resume_ignores_private_config_keys_whose_order_changes(tmp_path):
 
     with pytest.raises(BrushworkError, match="configured differently.*width"):
         run(OtherWidth(["a", "b"]), make_config(tmp_path, 8, resume=True))
+
+
+def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from brushwork.train import loop
+
+    real_save_model = loop.save_model
+
+    def save_model(module, path, **kwargs):
+        if "step-00000010" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_model(module, path, **kwargs)
+
+    monkeypatch.setattr(loop, "save_model", save_model)
+    with pytest.raises(BrushworkError, match=r"Could not write checkpoint step-00000010 .*No space left on device. "
+                                             r"The last checkpoint, .*step-00000005 \(step 5\), is intact"):
+        run(ToyStage(), make_config(tmp_path, 10))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000005"]  # the temp folder removed
+    assert loop.checkpoint_problem(tmp_path / "checkpoints" / "step-00000005", ["net"], ema=False)[0] is None
+    monkeypatch.undo()
+    assert run(ToyStage(), make_config(tmp_path, 10, resume=True)).step == 10
+
+
+def test_a_checkpoint_that_cannot_fit_on_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+
+    from brushwork.train import loop
+
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    with pytest.raises(BrushworkError, match=r"Not enough disk space for checkpoint step-00000005: it needs about "
+                                             r"\d+ MB and .* has 0 MB free. No checkpoint of this run"):
+        run(ToyStage(), make_config(tmp_path, 10))
+    assert os.listdir(tmp_path / "checkpoints") == []

@@ -16,7 +16,7 @@ from loop_toy import ToyStage, make_config
 from safetensors.torch import load_file
 
 from brushwork.errors import BrushworkError
-from brushwork.train.loop import list_checkpoints, run
+from brushwork.train.loop import checkpoint_folders, checkpoint_problem, list_checkpoints, run
 
 TOY = Path(__file__).with_name("loop_toy.py")
 STEPS = 30
@@ -88,3 +88,46 @@ def test_resume_after_nan_from_last_good_checkpoint(tmp_path):
     assert steps == list(range(1, 21))  # the records of steps 11.. from the failed run were dropped
     assert all(torch.isfinite(p).all() for p in result.modules["net"].parameters())
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000010", "step-00000020"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated weights": lambda checkpoint: _truncate(checkpoint / "net.safetensors"),
+    "truncated training state": lambda checkpoint: _truncate(checkpoint / "training_state.pt"),
+    "empty EMA file": lambda checkpoint: (checkpoint / "ema-net.safetensors").write_bytes(b""),
+    "deleted state.json": lambda checkpoint: (checkpoint / "state.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_passes_over_a_damaged_latest_checkpoint(tmp_path, capsys, damage):
+    reference = run(ToyStage(**RANDOM), make_config(tmp_path, 10, ema_decay=0.9))
+    latest = tmp_path / "checkpoints" / "step-00000010"
+    DAMAGE[damage](latest)
+    assert checkpoint_problem(latest, ["net"], ema=True)[0] is not None
+    capsys.readouterr()
+
+    stage = ToyStage(**RANDOM)
+    resumed = run(stage, make_config(tmp_path, 10, ema_decay=0.9, resume=True))
+    out = capsys.readouterr().out
+    assert "checkpoint step-00000010 is damaged" in out and "resuming from step-00000005" in out, out
+    assert stage.calls == 5 and resumed.step == 10
+    assert torch.equal(resumed.modules["net"][0].weight, reference.modules["net"][0].weight)
+    assert [c.name for c in checkpoint_folders(tmp_path)] == ["step-00000005", "step-00000010"]
+    assert checkpoint_problem(latest, ["net"], ema=True)[0] is None  # written again
+
+
+def test_resume_without_an_intact_checkpoint_is_one_error(tmp_path):
+    run(ToyStage(), make_config(tmp_path, 10))
+    DAMAGE["truncated weights"](tmp_path / "checkpoints" / "step-00000010")
+    DAMAGE["deleted state.json"](tmp_path / "checkpoints" / "step-00000005")
+    stage = ToyStage()
+    with pytest.raises(BrushworkError, match=r"No intact checkpoint .*step-00000010 is damaged: net.safetensors is "
+                                             r"unreadable .*step-00000005 is damaged: state.json is missing"):
+        run(stage, make_config(tmp_path, 10, resume=True))
+    assert stage.calls == 0
+    with pytest.raises(BrushworkError, match="already holds checkpoints"):
+        run(ToyStage(), make_config(tmp_path, 10))

@@ -14,9 +14,9 @@ import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 from sd_tiny import build_tiny_sd
-from serve_helpers import GatedPipe, wait_until
+from serve_helpers import GatedPipe, SlowStepPipe, live_server, wait_until
 
-from brushwork.commands.serve import is_loopback, serve
+from brushwork.commands.serve import is_loopback, loopback_hosts, serve
 from brushwork.errors import BrushworkError
 from brushwork.generation.auto import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
@@ -205,6 +205,107 @@ def test_jobs_time_out(pipe):
         assert queued["state"] == "failed" and "waiting in the queue" in queued["error"]
 
 
+def test_cancel_and_timeout_stop_a_job_inside_a_long_step(pipe):
+    slow = SlowStepPipe(pipe, seconds=30)
+    with client_for(slow) as client:
+        scheduler = client.app.state.service.scheduler
+        job = client.post("/v1/generate", json={"prompt": "a"}).json()
+        wait_until(slow.entered.is_set)
+        time.sleep(0.3)  # inside the step: no step callback comes for 30 s
+        started = time.monotonic()
+        assert client.delete(f"/v1/jobs/{job['id']}").json()["state"] == "cancelled"
+        wait_until(lambda: not scheduler.running(), timeout=10)
+        assert time.monotonic() - started < 1.0
+    slow = SlowStepPipe(pipe, seconds=30)
+    with client_for(slow, timeout=0.5) as client:
+        started = time.monotonic()
+        job = wait_done(client, client.post("/v1/generate", json={"prompt": "a"}).json()["id"])
+        assert job["state"] == "failed" and "timed out after 0.5 s" in job["error"]
+        assert time.monotonic() - started < 1.5
+
+
+def test_a1111_progress_is_true_while_a_job_runs_and_while_it_stops(pipe):
+    slow = SlowStepPipe(pipe, seconds=0)
+    slow.gate.clear()  # the generation thread is busy and reaches no step
+    with client_for(slow) as client:
+        job = client.post("/v1/generate", json={"prompt": "a"}).json()
+        wait_until(slow.entered.is_set)
+        progress = client.get("/sdapi/v1/progress").json()
+        assert progress["state"]["job"] == f"job {job['id']}" and progress["textinfo"] == f"step 0 of {STEPS}"
+        assert progress["state"]["sampling_steps"] == STEPS and not progress["state"]["interrupted"]
+        client.delete(f"/v1/jobs/{job['id']}")
+        stopping = client.get("/sdapi/v1/progress").json()  # cancelled, but the thread has not stopped yet
+        assert stopping["state"]["interrupted"] and stopping["state"]["job_count"] == 1
+        assert stopping["textinfo"] == f"stopping job {job['id']} (cancelled)"
+        slow.gate.set()
+        wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0)
+
+
+def test_size_and_cost_limits_answer_400_before_queueing(pipe):
+    with client_for(pipe) as client:  # the tiny model makes 32 px images: sides up to 64, 32*32*1200 pixel-steps
+        info = client.get("/v1/info").json()["limits"]
+        assert info["side"] == 64 and info["cost"] == 32 * 32 * 1200
+        for path, body, param in [("/v1/generate", {"prompt": "a", "width": 72}, "width"),
+                                  ("/v1/images/generations", {"prompt": "a", "size": "1024x1024"}, "size"),
+                                  ("/sdapi/v1/txt2img", {"prompt": "a", "height": 128}, "height")]:
+            response = client.post(path, json=body)
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and error["code"] == "size_limit" and error["limit"] == 64
+            assert "--max-size" in error["message"]
+        response = client.post("/v1/generate", json={"prompt": "a", "width": 64, "height": 64, "steps": 150, "n": 16})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "cost_limit" and error["cost"] == 64 * 64 * 150 * 16 and error["limit"] == 32 * 32 * 1200
+        assert f"{64 * 64 * 150 * 16:,} pixel-steps" in error["message"] and f"{32 * 32 * 1200:,}" in error["message"]
+        response = client.post("/v1/images/generations", json={"prompt": "a", "size": "64x64", "n": 16, "steps": 150})
+        assert response.json()["error"]["code"] == "cost_limit"
+        assert client.get("/ready").json()["queue_depth"] == 0
+        assert 'brushwork_errors_total{kind="too_costly"} 5.0' in client.get("/metrics").text
+    with client_for(pipe, max_side=128, max_cost=64 * 64 * 150 * 16) as client:
+        response = client.post("/v1/generate", json={"prompt": "a", "width": 64, "height": 64, "steps": 150, "n": 16})
+        assert response.status_code == 202
+        client.delete(f"/v1/jobs/{response.json()['id']}")
+    with pytest.raises(BrushworkError, match="refuse tiny.s own request"):
+        create_app(pipe, ServeConfig(max_side=16))
+
+
+def test_request_bodies_above_the_limit_get_413_before_they_are_read(pipe):
+    with client_for(pipe, max_body=1000) as client:
+        response = client.post("/v1/generate", json={"prompt": "a" * 2000})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large" and "1,000 bytes" in response.json()["error"]["message"]
+        chunks = [b'{"prompt": "', b"a" * 600, b"a" * 600, b'"}']
+        response = client.post("/v1/generate", content=iter(chunks), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["param"] == "body"
+        small = client.post("/v1/generate", content=iter([b'{"prompt": ', b'"a"}']),
+                            headers={"content-type": "application/json"})
+        assert small.status_code == 202
+        assert 'brushwork_errors_total{kind="too_large"} 2.0' in client.get("/metrics").text
+    with client_for(pipe) as client:  # the default: about 1 MB
+        assert client.post("/v1/generate", json={"prompt": "a" * 1_100_000}).status_code == 413
+    with live_server(create_app(pipe, ServeConfig())) as (url, _):  # 200 MB announced, none sent
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 200000000\r\n\r\n")
+            assert connection.recv(1000).startswith(b"HTTP/1.1 413")
+
+
+def test_a_loopback_server_answers_only_its_own_host_names(pipe):
+    hosts = loopback_hosts("127.0.0.1", ["box.local"])
+    assert hosts == ("localhost", "127.0.0.1", "[::1]", "box.local")
+    with client_for(pipe, allowed_hosts=hosts, public_url="http://127.0.0.1:7860") as client:
+        for name in ["localhost:7860", "127.0.0.1", "[::1]:7860", "BOX.local"]:
+            assert client.get("/health", headers={"host": name}).status_code == 200, name
+        refused = client.get("/v1/info", headers={"host": "attacker.example:7860"})  # DNS rebinding
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed"
+        assert "'attacker.example'" in refused.json()["error"]["message"]
+        data = client.post("/v1/images/generations", json={"prompt": "a", "response_format": "url"},
+                           headers={"host": "localhost"}).json()
+        assert data["data"][0]["url"].startswith("http://127.0.0.1:7860/v1/jobs/")  # not from the Host header
+
+
 HUNDRED_KB = "a" * 100_000
 BAD_REQUESTS = [
     ("/v1/generate", {}, "prompt"),
@@ -279,7 +380,24 @@ def test_blocklist_rejects_prompts_with_reason(pipe, tmp_path):
         assert refused.status_code == 400
         assert refused.json()["error"]["param"] == "prompt" and "'bad'" in refused.json()["error"]["message"]
         assert client.post("/sdapi/v1/txt2img", json={"prompt": "bad"}).status_code == 400
-        assert client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "bad"}).status_code == 202
+        assert client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "a badge"}).status_code == 202
+        refused = client.post("/v1/generate", json={"prompt": "a badge", "negative_prompt": "bad"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "negative_prompt"
+
+
+def test_blocklist_sees_through_invisible_characters_and_look_alike_letters():
+    blocklist = Blocklist(["circle", "Big Square"])
+    cases = {"a cir\u200bcle": "circle",  # zero-width space
+             "a cir\u00adcle": "circle",  # soft hyphen
+             "a \u0441ircle": "circle",  # Cyrillic small es
+             "A CIRCL\u0415": "circle",  # Cyrillic capital ie
+             "\uff43\uff49\uff52\uff43\uff4c\uff45": "circle",  # fullwidth letters
+             "a big\u2060 \u0455quare": "big square",  # word joiner, Cyrillic dze
+             "a ci\u0433cle": None}  # Cyrillic ghe looks like no Latin letter
+    for prompt, expected in cases.items():
+        assert blocklist.match(prompt) == expected, ascii(prompt)
+    assert blocklist.match("circles and big squares") is None  # whole words only
+    assert blocklist.match("\u043a\u0440\u0443\u0433") is None  # Russian for circle is not the English word
 
 
 def test_metrics_and_ops(pipe):
@@ -353,6 +471,7 @@ def test_openai_and_a1111_answer_in_their_shapes(pipe):
         assert info["sampler_name"] == "Euler a" and parse_parameters(info["infotexts"][3])["seed"] == 11
         models = client.get("/sdapi/v1/sd-models").json()
         assert models[0]["model_name"] == "tiny" and models[0]["hash"] in models[0]["title"]
+        assert models[0]["filename"] == "tiny"  # not the server's file path
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
 
 

@@ -21,6 +21,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def loopback_hosts(host: str, extra: list[str]) -> tuple[str, ...]:
+    """The Host names a loopback server answers to (DNS rebinding sends another)."""
+    return tuple(dict.fromkeys(["localhost", "127.0.0.1", "[::1]", url_host(host), *extra]))
+
+
 def _check_port_free(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -45,6 +54,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Jobs that may wait; more are answered 429.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Images sampled together in one batch.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds a job may take from submission, queue included.")] = 300.0,
+    max_size: Annotated[Optional[int], typer.Option(help="Largest width or height a request may ask for [default: twice the model's size].")] = None,
+    max_cost: Annotated[Optional[int], typer.Option(help="Work a request may ask for, in pixel-steps: width x height x steps x images x best_of [default: 1200 image-steps at the model's size].")] = None,
+    max_body: Annotated[int, typer.Option(help="Bytes a request body may hold; more are answered 413.")] = 1_000_000,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A Host name a loopback server answers to besides localhost, 127.0.0.1 and [::1] (repeatable); other names get 400.")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="Base of the image URLs the OpenAI API returns [default: http://HOST:PORT on loopback, else the address the request came to].")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model for batch sizes 1, 2, 4, ... up to --max-batch before serving (2-3 minutes a size the first time, then loaded from the cache in a second): about 2.5-3x faster sampling on a CPU with bf16.")] = False,
 ) -> None:
@@ -64,11 +78,16 @@ def serve(
         raise BrushworkError("--api-key is empty")
     if precision not in PRECISIONS:
         raise BrushworkError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
-    for name, value in (("--max-queue", max_queue), ("--max-batch", max_batch), ("--timeout", timeout)):
+    for name, value in (("--max-queue", max_queue), ("--max-batch", max_batch), ("--timeout", timeout),
+                        ("--max-size", 1 if max_size is None else max_size),
+                        ("--max-cost", 1 if max_cost is None else max_cost), ("--max-body", max_body)):
         if value <= 0:
             raise BrushworkError(f"{name} must be positive, got {value}")
     config = ServeConfig(api_key=api_key, watermark=not no_watermark, max_queue=max_queue, max_batch=max_batch,
-                         timeout=timeout, blocklist=Blocklist.from_file(blocklist) if blocklist else None)
+                         timeout=timeout, blocklist=Blocklist.from_file(blocklist) if blocklist else None,
+                         max_side=max_size, max_cost=max_cost, max_body=max_body,
+                         allowed_hosts=loopback_hosts(host, allowed_host or []) if is_loopback(host) else None,
+                         public_url=public_url or (f"http://{url_host(host)}:{port}" if is_loopback(host) else None))
     _check_port_free(host, port)
 
     _quiet_libraries()
@@ -84,7 +103,9 @@ def serve(
     if not is_loopback(host) and not api_key:
         typer.echo(f"Warning: serving on {host} without an API key (--insecure): anyone who can reach it can use it",
                    err=True)
+    service = app.state.service
     typer.echo(f"Serving {pipe.name} ({pipe.default_size}x{pipe.default_size}, {pipe.device}) at http://{host}:{port}/ "
+               f"- sides up to {service.max_side} px, {service.max_cost:,} pixel-steps a request "
                f"- watermark {'on' if config.watermark else 'off'}, API key {'required' if api_key else 'not required'}",
                err=True)
     run_server(app, host, port, config.shutdown_grace)

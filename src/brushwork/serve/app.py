@@ -53,9 +53,66 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if error.status_code == 413:  # a streamed body passed BodyLimit's limit
+        body = {"error": {"message": str(error.detail), "type": "invalid_request_error", "param": "body",
+                          "code": "body_too_large"}}
+        return _error(request, 413, body, "too_large")
     body = {"error": {"message": str(error.detail), "type": "not_found" if error.status_code == 404 else "http_error",
                       "param": None, "code": None}}
     return _error(request, error.status_code, body, None, getattr(error, "headers", None))
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, before it is read. A Content-Length above it
+    is answered at once; a streamed (chunked) body is counted as the route reads it and stopped when it passes."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self) -> ApiError:
+        return ApiError(413, f"the request body is larger than this server's limit of {self.limit:,} bytes",
+                        param="body", kind="too_large", code="body_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            response = await _api_error(Request(scope), self._error())
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                # FastAPI turns other exceptions raised while reading the body into 400
+                raise StarletteHTTPException(413, self._error().message)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+class HostCheck:
+    """ASGI middleware: 400 for a request whose Host header names none of `allowed` (a web page on another
+    site could otherwise reach a loopback server through DNS rebinding)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]):
+        self.app, self.allowed = app, {host.lower() for host in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        header = dict(scope["headers"]).get(b"host") if scope["type"] in ("http", "websocket") else None
+        if header is not None:
+            host = header.decode("latin-1").lower()
+            name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                error = ApiError(400, f"Host {name!r} is not a name this server answers to ({names}); serve "
+                                      "--allowed-host NAME adds one", param="Host", code="host_not_allowed")
+                response = await _api_error(Request(scope), error)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
@@ -95,4 +152,7 @@ def create_app(pipe: Text2ImagePipeline, config: ServeConfig | None = None) -> F
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(BodyLimit, limit=config.max_body)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     return app

@@ -16,12 +16,22 @@ from brushwork.generation.base import Text2ImagePipeline
 from brushwork.generation.samplers import resolve_sampler
 from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, QueueFull, ShuttingDown
 from brushwork.serve.metrics import Metrics
-from brushwork.serve.schemas import MAX_SEED
+from brushwork.serve.schemas import MAX_SEED, MAX_SIDE
+
+# The default cost limit, in image-steps at the model's own size: 8 images of 150 steps.
+DEFAULT_COST_IMAGE_STEPS = 1200
+
+
+# Letters of other scripts that look like Latin ones, as a blocklist bypass uses them ("сircle" with a
+# Cyrillic с). Capitals are folded before case folding, where Greek Ν (N) and ν (v) still differ.
+_CAPITAL_LOOKALIKES = str.maketrans("АВЕКМНОРСТХУІЈЅΑΒΕΖΗΙΚΜΝΟΡΤΥΧ", "ABEKMHOPCTXYIJSABEZHIKMNOPTYX")
+_SMALL_LOOKALIKES = str.maketrans("аеорсухіјѕһԁԛԝӏοαικνρτυχ", "aeopcyxijshdqwloaikvptux")
 
 
 class Blocklist:
     """Terms (one per line, `#` comments) that a prompt may not contain, matched as whole words after
-    Unicode normalisation and case folding."""
+    Unicode normalisation (NFKC), removal of invisible format characters (zero-width space, soft hyphen),
+    folding of Cyrillic and Greek look-alike letters, and case folding."""
 
     def __init__(self, terms: list[str], source: str = "blocklist"):
         self.terms = [t for t in (self._normalise(t) for t in terms) if t]
@@ -30,7 +40,10 @@ class Blocklist:
 
     @staticmethod
     def _normalise(text: str) -> str:
-        return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(char for char in text if unicodedata.category(char) != "Cf")
+        text = text.translate(_CAPITAL_LOOKALIKES).casefold().translate(_SMALL_LOOKALIKES)
+        return " ".join(text.split())
 
     @classmethod
     def from_file(cls, path: Path) -> "Blocklist":
@@ -64,20 +77,32 @@ class ServeConfig:
     default_guidance: float = 5.0
     shutdown_grace: float = 10.0  # seconds a running batch may take to finish at shutdown
     keep_finished: int = 128  # finished jobs kept for GET /v1/jobs/{id}
+    # Work one request may ask for, in pixel-steps (width x height x steps x images x best_of); more gets 400.
+    # None: DEFAULT_COST_IMAGE_STEPS image-steps at the model's own size.
+    max_cost: int | None = None
+    max_side: int | None = None  # largest width or height; None: twice the model's own size
+    max_body: int = 1_000_000  # bytes of a request body; more gets 413 before it is read
+    # Host header names answered (no port; IPv6 in brackets); others get 400, which stops DNS rebinding of a
+    # loopback server. None: any.
+    allowed_hosts: tuple[str, ...] | None = None
+    public_url: str | None = None  # base of the URLs in responses; None: the one the request came to
 
 
 class ApiError(Exception):
     """An HTTP error answered as {"error": {"message", "type", "param", "code"}} (OpenAI's shape)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 kind: str | None = "request", headers: dict[str, str] | None = None):
+                 kind: str | None = "request", headers: dict[str, str] | None = None, code: str | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.kind = kind  # label of brushwork_errors in /metrics; None: already counted
         self.headers = headers
+        self.extra = extra or {}  # more fields of the error object (the cost limit's `limit` and `cost`)
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code,
+                          **self.extra}}
 
 
 class Service:
@@ -90,6 +115,14 @@ class Service:
         self.scheduler = JobScheduler(pipe, self.metrics, max_queue=config.max_queue, max_batch=config.max_batch,
                                       timeout=config.timeout, preview_every=config.preview_every,
                                       watermark=config.watermark, keep_finished=config.keep_finished)
+        native = pipe.default_size
+        self.max_side = config.max_side or min(2 * native, MAX_SIDE)
+        self.max_cost = config.max_cost or native * native * DEFAULT_COST_IMAGE_STEPS
+        default_cost = native * native * self.default_steps
+        if native > self.max_side or default_cost > self.max_cost:
+            raise BrushworkError(f"--max-size {self.max_side} and --max-cost {self.max_cost:,} refuse "
+                                 f"{pipe.name}'s own request ({native}x{native} px, {self.default_steps} steps: "
+                                 f"{default_cost:,} pixel-steps); raise them")
 
     @property
     def default_steps(self) -> int:
@@ -99,13 +132,15 @@ class Service:
     def job_request(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                     guidance: float | None = None, seed: int | None = None, n: int = 1, sampler: str | None = None,
                     width: int | None = None, height: int | None = None, layout: bool = False,
-                    best_of: int = 1) -> JobRequest:
-        """A complete job from checked request fields: defaults filled in, the prompt filtered."""
+                    best_of: int = 1, size_param: str | None = None) -> JobRequest:
+        """A complete job from checked request fields: defaults filled in, the prompt filtered, the size and cost
+        within this server's limits. size_param: the request field that set width and height, when not those."""
         blocklist = self.config.blocklist
-        term = blocklist.match(prompt) if blocklist else None
-        if term is not None:
-            raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
-                                "allow", param="prompt", type="prompt_blocked", kind="blocked")
+        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            term = blocklist.match(text) if blocklist else None
+            if term is not None:
+                raise ApiError(400, f"{field} rejected: it contains '{term}', which this server's blocklist does "
+                                    "not allow", param=field, type="prompt_blocked", kind="blocked")
         if layout and not self.pipe.supports_layout:
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
@@ -115,7 +150,7 @@ class Service:
             except BrushworkError as error:
                 raise ApiError(400, str(error), param="best_of", type="invalid_request_error",
                                kind="validation") from None
-        return JobRequest(
+        request = JobRequest(
             prompt=prompt, negative_prompt=negative_prompt,
             steps=self.pipe.resolve_steps(steps, self.config.default_steps),
             guidance=guidance if guidance is not None else self.config.default_guidance,
@@ -123,6 +158,26 @@ class Service:
             sampler=resolve_sampler(sampler),
             width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout,
             best_of=best_of)
+        self.check_limits(request, size_param)
+        return request
+
+    def check_limits(self, request: JobRequest, size_param: str | None = None) -> None:
+        """400 for a side above max_side or a request costing more than max_cost, before it is queued: one
+        such request would hold the only generation thread for minutes."""
+        native = self.pipe.default_size
+        for name, side in (("width", request.width), ("height", request.height)):
+            if side > self.max_side:
+                raise ApiError(400, f"{name} {side} is above this server's largest side, {self.max_side} px (this "
+                                    f"model makes {native}x{native} images; serve --max-size allows more)",
+                               param=size_param or name, kind="too_costly", code="size_limit",
+                               extra={"limit": self.max_side, "value": side})
+        cost = request.width * request.height * request.total_steps * request.n
+        if cost > self.max_cost:
+            raise ApiError(400, f"this request costs {cost:,} pixel-steps ({request.width}x{request.height} px x "
+                                f"{request.steps} steps x {request.n} images x best_of {request.best_of}); this "
+                                f"server allows {self.max_cost:,} a request (serve --max-cost): ask for fewer "
+                                "steps, images or pixels", kind="too_costly", code="cost_limit",
+                           extra={"limit": self.max_cost, "cost": cost})
 
     def submit(self, request: JobRequest, api: str) -> Job:
         try:

@@ -60,20 +60,29 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, svc: Service = De
 
 @router.get("/progress")
 async def progress(skip_current_image: bool = False, svc: Service = Depends(service)) -> dict:
-    """Progress of the running job (the first, when a batch holds several), as AUTOMATIC1111 reports it."""
-    running = [job for job in svc.scheduler.running() if job.state == RUNNING]
-    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + svc.scheduler.queued_count(),
+    """Progress of the running job (the first, when a batch holds several), as AUTOMATIC1111 reports it. While
+    the generation thread still stops a cancelled batch it is busy, not idle: `interrupted` and `textinfo` say so."""
+    busy = svc.scheduler.running()
+    running = [job for job in busy if job.state == RUNNING]
+    queued = svc.scheduler.queued_count()
+    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(busy) + queued,
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    idle = {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+            "textinfo": f"{queued} jobs waiting" if queued else None}
     if not running:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        if busy:
+            state.update(job=f"job {busy[0].id}", interrupted=True, job_timestamp=_timestamp(busy[0].created))
+            idle["textinfo"] = f"stopping job {busy[0].id} ({busy[0].state})"
+        return idle
     job = running[0]
-    fraction = job.step / job.request.total_steps
+    total = job.request.total_steps  # every best_of candidate's steps
+    fraction = job.step / total
     elapsed = time.time() - (job.started or time.time())
     state.update(job=f"job {job.id}", job_timestamp=_timestamp(job.created), sampling_step=job.step,
-                 sampling_steps=job.request.steps)
+                 sampling_steps=total)
     current_image = b64_png(job.preview) if job.preview is not None and not skip_current_image else None
     return {"progress": fraction, "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
-            "state": state, "current_image": current_image, "textinfo": None}
+            "state": state, "current_image": current_image, "textinfo": f"step {job.step} of {total}"}
 
 
 @router.post("/interrupt")
@@ -86,7 +95,7 @@ async def interrupt(svc: Service = Depends(service)) -> dict:
 @router.get("/sd-models")
 def sd_models(svc: Service = Depends(service)) -> list[dict]:
     return [{"title": _model_title(svc), "model_name": svc.pipe.name, "hash": svc.pipe.model_hash, "sha256": None,
-             "filename": str(svc.pipe.path), "config": None}]
+             "filename": svc.pipe.name, "config": None}]  # a name, not the server's file path
 
 
 @router.get("/samplers")

@@ -53,7 +53,7 @@ def info(svc: Service = Depends(service)) -> dict:
         "model_hash": svc.pipe.model_hash,
         "default_size": svc.pipe.default_size,
         "defaults": {"steps": svc.default_steps, "guidance": config.default_guidance},
-        "limits": {"steps": schemas.MAX_STEPS, "n": schemas.MAX_IMAGES, "side": schemas.MAX_SIDE,
+        "limits": {"steps": schemas.MAX_STEPS, "n": schemas.MAX_IMAGES, "side": svc.max_side, "cost": svc.max_cost,
                    "side_multiple": schemas.SIDE_MULTIPLE, "guidance": schemas.MAX_GUIDANCE,
                    "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED,
                    "best_of": schemas.MAX_BEST_OF if svc.pipe.clip_folder else 1},  # 1: no CLIP to rank with

@@ -22,14 +22,14 @@ async def images_generations(body: OpenAIImageRequest, request: Request, svc: Se
     width, height = body.width_height()
     job = svc.submit(svc.job_request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                      guidance=body.guidance, seed=body.seed, n=body.n, sampler=body.sampler,
-                                     width=width, height=height), api="openai")
+                                     width=width, height=height, size_param="size"), api="openai")
     await svc.wait(job, request)
     if job.state != SUCCEEDED:
         raise ApiError(job.error_status, f"image generation {job.state}: {job.error}",
                        type="server_error" if job.error_status >= 500 else "invalid_request_error",
                        kind=None)  # counted when the job finished
     if body.response_format == "url":
-        base = str(request.base_url).rstrip("/")
+        base = (svc.config.public_url or str(request.base_url)).rstrip("/")
         data = [{"url": f"{base}/v1/jobs/{job.id}/images/{i}.png", "revised_prompt": None}
                 for i in range(len(job.images))]
     else:

@@ -477,7 +477,10 @@ def _check_resumable(run_dir: Path) -> None:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         return
-    fingerprint = json.loads((checkpoints[-1] / "state.json").read_text()).get("fingerprint", {})
+    try:
+        fingerprint = json.loads((checkpoints[-1] / "state.json").read_text()).get("fingerprint", {})
+    except (OSError, ValueError):  # damaged: the loop says so and resumes from the newest intact checkpoint
+        return
     used = [flag for key, flag in REMOVED_TERMS.items() if fingerprint.get(key)]
     if used:
         raise BrushworkError(f"cannot resume {run_dir}: it trains with {', '.join(used)}, which brushwork no longer "

@@ -44,6 +44,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast, is_bf16_available, send_to_device
 from diffusers.optimization import get_scheduler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -241,6 +242,59 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))
 
 
+def checkpoint_folders(out_dir: Path) -> list[Path]:
+    """Every step-* folder in out_dir/checkpoints, oldest first, intact or not (a save writes a temp folder and
+    renames it into place, so a damaged one was damaged after it was written)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _CHECKPOINT_NAME.match(p.name) and p.is_dir()]
+    return sorted(found, key=_checkpoint_step)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(_CHECKPOINT_NAME.match(checkpoint.name).group(1))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def checkpoint_problem(checkpoint: Path, module_names: list[str], ema: bool) -> tuple[str | None, dict | None]:
+    """(what is wrong with the checkpoint, None) or (None, its training state loaded as the loop loads it).
+    Weights files are checked by their safetensors header, which must cover the whole file (cheap)."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return "state.json has no step", None
+    except FileNotFoundError:
+        return "state.json is missing", None
+    except (OSError, ValueError) as e:
+        return f"state.json is unreadable ({_first_line(e)})", None
+    names = list(module_names) + ([f"ema-{name}" for name in module_names] if ema else [])
+    for name in names:
+        path = checkpoint / f"{name}.safetensors"
+        if not path.is_file():
+            return f"{path.name} is missing", None
+        if path.stat().st_size == 0:
+            return f"{path.name} is empty", None
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error type
+            return f"{path.name} is unreadable ({_first_line(e)})", None
+    try:
+        training = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return "training_state.pt is missing", None
+    except Exception as e:  # a truncated zip raises RuntimeError; other damage other types
+        return f"training_state.pt is unreadable ({_first_line(e)})", None
+    if not isinstance(training, dict) or not {"optimizers", "schedulers", "rng"} <= set(training):
+        return "training_state.pt is incomplete", None
+    return None, training
+
+
 def _config_json(config: TrainConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
@@ -381,13 +435,10 @@ class _Trainer:
         stage, config = self.stage, self.config
         _check_config(config)
         check_writable(self.out_dir)
-        existing = list_checkpoints(self.out_dir)
+        existing = checkpoint_folders(self.out_dir)
         if existing and not config.resume:
             raise BrushworkError(f"{self.out_dir} already holds checkpoints (newest: {existing[-1].name}). Pass "
                                  "resume=True (--resume) to continue that run, or choose another out_dir.")
-        self.resume_from = existing[-1] if existing else None
-        self.saved_state = _check_resume(self.resume_from, stage, config) if self.resume_from else None
-        self.start_step = self.saved_state["step"] if self.saved_state else 0
 
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on the CPU.
         use_cpu = not _has_gpu()
@@ -412,6 +463,9 @@ class _Trainer:
         self.modules = stage.modules()
         self.groups = stage.optimizers()
         _check_stage(self.modules, self.groups)
+        self.resume_from, self.saved_training = self._newest_intact(existing)
+        self.saved_state = _check_resume(self.resume_from, stage, config) if self.resume_from else None
+        self.start_step = self.saved_state["step"] if self.saved_state else 0
         self.dataset = stage.dataset()
         if len(self.dataset) == 0:
             raise BrushworkError(f"The data set of stage {stage.name!r} is empty; add images and captions.")
@@ -456,6 +510,24 @@ class _Trainer:
         if acc.is_main_process:
             self._prepare_out_dir()
 
+    def _newest_intact(self, checkpoints: list[Path]) -> tuple[Path | None, dict | None]:
+        """The newest checkpoint whose files are all there and readable, and its training state; a line names
+        the damaged ones passed over. BrushworkError when there are checkpoints but none is intact."""
+        damaged = []
+        for checkpoint in reversed(checkpoints):
+            problem, training = checkpoint_problem(checkpoint, list(self.modules), self.config.ema_decay is not None)
+            if problem is None:
+                if damaged:
+                    self.accelerator.print(f"{self.stage.name}: checkpoint {'; '.join(damaged)}; resuming from "
+                                           f"{checkpoint.name}, the newest intact one (the run replaces the damaged).")
+                return checkpoint, training
+            damaged.append(f"{checkpoint.name} is damaged: {problem}")
+        if damaged:
+            raise BrushworkError(f"No intact checkpoint to resume from in {self.checkpoint_root} "
+                                 f"({'; '.join(damaged)}). Delete those folders to start again at step 0, or train "
+                                 "into a new out_dir.")
+        return None, None
+
     def _prepare_out_dir(self) -> None:
         self.checkpoint_root.mkdir(exist_ok=True)
         for leftover in self.checkpoint_root.glob(_TEMP_PREFIX + "*"):
@@ -481,7 +553,7 @@ class _Trainer:
             self._load_module(module, checkpoint / f"{name}.safetensors")
 
     def _load_training_state(self, checkpoint: Path) -> None:
-        training = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+        training, self.saved_training = self.saved_training, None  # loaded (and so checked) by checkpoint_problem
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(training["optimizers"][name])
             self.schedulers[name].load_state_dict(training["schedulers"][name])
@@ -495,10 +567,38 @@ class _Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, elapsed: float) -> Path:
-        """Main process only. Writes a temp folder, fsyncs it, renames it into place, then prunes old ones."""
+        """Main process only. Writes a temp folder, fsyncs it, renames it into place, then prunes old ones. A full
+        disk is one BrushworkError: the temp folder is removed and the previous checkpoints are left as they are."""
         final = self.checkpoint_root / f"step-{step:08d}"
         temp = self.checkpoint_root / f"{_TEMP_PREFIX}{final.name}-{os.getpid()}"
         shutil.rmtree(temp, ignore_errors=True)
+        needed, free = self._checkpoint_bytes(), shutil.disk_usage(self.checkpoint_root).free
+        if free < needed:
+            raise BrushworkError(f"Not enough disk space for checkpoint {final.name}: it needs about "
+                                 f"{needed / 1e6:,.0f} MB and {self.checkpoint_root} has {free / 1e6:,.0f} MB free. "
+                                 + self._previous_checkpoint_hint())
+        try:
+            self._write_checkpoint(temp, step, elapsed)
+        except OSError as e:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise BrushworkError(f"Could not write checkpoint {final.name} in {self.checkpoint_root}: "
+                                 f"{e.strerror or e}. " + self._previous_checkpoint_hint()) from None
+        if final.exists():  # same step saved before (e.g. a resumed run that ended there): replace it
+            stale = final.with_name(f"{_TEMP_PREFIX}old-{final.name}-{os.getpid()}")
+            os.rename(final, stale)
+            shutil.rmtree(stale)
+        os.rename(temp, final)
+        _fsync(self.checkpoint_root)
+        folders = checkpoint_folders(self.out_dir)
+        # Newer folders are damaged ones that resume passed over: this run trains their steps again.
+        newer = [p for p in folders if _checkpoint_step(p) > step]
+        for old in newer + [p for p in folders if _checkpoint_step(p) <= step][: -self.config.keep_checkpoints]:
+            doomed = old.with_name(f"{_TEMP_PREFIX}delete-{old.name}")
+            os.rename(old, doomed)  # a crash during rmtree must not leave a half folder that looks complete
+            shutil.rmtree(doomed)
+        return final
+
+    def _write_checkpoint(self, temp: Path, step: int, elapsed: float) -> None:
         temp.mkdir(parents=True)
         for name, module in self.modules.items():
             save_model(module, str(temp / f"{name}.safetensors"), force_contiguous=True)
@@ -521,17 +621,19 @@ class _Trainer:
         for path in temp.iterdir():
             _fsync(path)
         _fsync(temp)
-        if final.exists():  # same step saved before (e.g. a resumed run that ended there): replace it
-            stale = final.with_name(f"{_TEMP_PREFIX}old-{final.name}-{os.getpid()}")
-            os.rename(final, stale)
-            shutil.rmtree(stale)
-        os.rename(temp, final)
-        _fsync(self.checkpoint_root)
-        for old in list_checkpoints(self.out_dir)[: -self.config.keep_checkpoints]:
-            doomed = old.with_name(f"{_TEMP_PREFIX}delete-{old.name}")
-            os.rename(old, doomed)  # a crash during rmtree must not leave a half folder that looks complete
-            shutil.rmtree(doomed)
-        return final
+
+    def _checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: the weights, their EMA copies and the optimizers' state."""
+        weights = sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.state_dict().values())
+        optimizer_state = sum(t.numel() * t.element_size() for opt in self.optimizers.values()
+                              for values in opt.state.values() for t in values.values() if torch.is_tensor(t))
+        return weights * (2 if self.ema else 1) + optimizer_state
+
+    def _previous_checkpoint_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint of this run was written before; free some space and start again."
+        return (f"The last checkpoint, {self.last_checkpoint} (step {self.last_checkpoint_step}), is intact: free "
+                "some space and resume from it with resume=True (brushwork train --resume).")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -585,10 +687,10 @@ class _Trainer:
                                 f.write(json.dumps(record) + "\n")
                             progress.update(task, status=f"loss {record['loss']:.4g}  {images_per_s:.1f} img/s")
                     if save_now:
-                        self.last_checkpoint = self.checkpoint_root / f"step-{step:08d}"
-                        self.last_checkpoint_step = step
                         if acc.is_main_process:
                             self.save_checkpoint(step, elapsed_before + time.perf_counter() - run_start)
+                        self.last_checkpoint = self.checkpoint_root / f"step-{step:08d}"
+                        self.last_checkpoint_step = step
                         interval_start = time.perf_counter()  # images/s measures training, not saving
                     if config.sample_every and step % config.sample_every == 0 and acc.is_main_process:
                         self._save_sample(step)
