@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -330,6 +331,9 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
         assert (out / part).exists(), part
     assert (out / "runs" / "gan" / "samples" / "step-00000003.png").is_file()
     assert "- Machine: " in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "brushwork" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["shapes"] and "gan" in card.data.tags
     # The folder holds the very encoder G was trained with (saved from memory, not copied from the text model).
     saved = CLIPTextModel.from_pretrained(out / "text_encoder")
     for name, tensor in text_encoder.state_dict().items():
@@ -364,6 +368,7 @@ def test_init_starts_from_another_runs_weights_and_records_where(text_model, tmp
     assert facts["initialized_from"]["checkpoint"] == str(source) and facts["initialized_from"]["steps"] == 2
     assert facts["commands"] == ["brushwork train gan first", "brushwork train gan second"]
     assert f"after 2 steps of {source}" in (second / "README.md").read_text()
+    assert ModelCard.load(second / "README.md").data.base_model == "first"
 
     # a run stopped before it wrote its card, resumed with --init still given, keeps the source's commands
     shutil.rmtree(second / "runs" / "gan" / "checkpoints" / "step-00000002", ignore_errors=True)

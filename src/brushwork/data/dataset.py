@@ -22,7 +22,7 @@ ACCEPTED = ("'shapes', 'emoji', or a path: a folder of images with metadata.json
             "file or a folder of them, or a `datasets` save_to_disk folder")
 
 __all__ = ["open_dataset", "open_source", "ImageTextDataset", "DataOptions", "LoadReport", "cache_root",
-           "emoji_folder"]
+           "emoji_folder", "data_facts", "report_lines"]
 
 
 def cache_root() -> Path:
@@ -102,6 +102,30 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if isinstance(self.source, ShapesDataset):
             return (self.source.scene(i).caption for i in range(self.length))
         return self.source.captions()[: self.length]
+
+
+def data_facts(data: ImageTextDataset) -> dict:
+    """What training.json records of the data: its layout and split, the usable count and the problems found."""
+    facts = data.report.to_json()
+    source = getattr(data.source, "source", None)   # a FolderDataset's located source
+    if source is not None:
+        facts["layout"] = source.layout
+        if source.split is not None:
+            facts["split"] = source.split
+    return facts
+
+
+def report_lines(spec: str, data: ImageTextDataset, limit: int = 20) -> list[str]:
+    """What `train` prints about the user's data: `data inspect`'s counts and problems (the first `limit`)."""
+    if spec in NAMES:
+        return []
+    source = getattr(data.source, "source", None)
+    where = f" ({source.describe()})" if source is not None else ""
+    lines = [f"data set: {spec}{where}", f"usable image-caption pairs: {data.report.loaded}",
+             f"problems: {len(data.report.skipped)}", *data.report.problem_lines(limit)]
+    if len(data.report.skipped) > limit:
+        lines.append(f"  (`brushwork data inspect {spec}` lists every one)")
+    return lines
 
 
 def open_dataset(spec: str, resolution: int = 64, n: int | None = None, seed: int = 0,
