@@ -70,7 +70,8 @@ def test_a_number_is_a_caption_and_a_list_is_not(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("".join(rows))
     data = FolderDataset(tmp_path)
     assert data.captions() == ["1984", "2.5"]
-    assert data.report.skipped == [("2.png", "bad caption: a list, not text"), ("3.png", "bad caption: a bool, not text")]
+    assert data.report.skipped == [("2.png", "bad caption: a list, not text"),
+                                   ("3.png", "bad caption: a bool, not text")]
 
 
 def test_hub_parquet_folder_splits(tmp_path):

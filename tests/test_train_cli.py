@@ -9,6 +9,7 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from brushwork.cli import app
+from brushwork.train.options import runs_folder
 from brushwork.train.recipe import shapes_reconstruction_accuracy
 
 runner = CliRunner()
@@ -51,7 +52,8 @@ def test_model_card_and_run_dirs(model):
     assert "`brushwork train --data shapes --out " in card and "--size tiny --n 64`" in card
     for stage in ("clip", "vae", "unet"):
         assert f"| {stage} |" in card
-        assert (model / "runs" / stage / "log.jsonl").is_file()
+        assert (model.parent / "tiny.runs" / stage / "log.jsonl").is_file()
+    assert not (model / "runs").exists()   # nothing pickled inside the folder one shares
     facts = json.loads((model / "training.json").read_text())
     assert facts["stages"]["unet"]["steps"] == 6 and facts["n"] == 64
     assert 0.0 <= facts["stages"]["vae"]["reconstructions_exact"] <= 1.0
@@ -99,7 +101,7 @@ def test_bad_input_fails_before_training(tmp_path, args, message):
     result = _train(*args, "--out", str(tmp_path / "m"))
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "m" / "runs" / "clip").exists()
+    assert not (tmp_path / "m.runs" / "clip").exists()
 
 
 def test_refuses_a_non_empty_folder_and_a_unet_without_encoders(tmp_path):
@@ -184,7 +186,7 @@ def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_
     facts = json.loads((out / "training.json").read_text())
     assert facts["stages"]["clip"]["hard_negatives"] == 1.0
     assert "--hard-negatives 1.0" in (out / "README.md").read_text()
-    logged = json.loads((out / "runs" / "clip" / "log.jsonl").read_text().splitlines()[-1])
+    logged = json.loads((runs_folder(out) / "clip" / "log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= logged["near_miss_accuracy"] <= 1.0
     result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume", "--hard-negatives", "0")
     assert result.exit_code == 1 and "hard_negatives: 1.0 -> 0.0" in result.output
@@ -332,6 +334,17 @@ def test_report_to_tensorboard_from_the_command_line(tmp_path):
     out = tmp_path / "m"
     result = _train("clip", *TINY, "--out", str(out), "--steps", "2", "--report-to", "tensorboard")
     assert result.exit_code == 0, result.output
-    assert list((out / "runs" / "clip").glob("events.out.tfevents.*"))
+    assert list((runs_folder(out) / "clip").glob("events.out.tfevents.*"))
     result = _train("clip", *TINY, "--out", str(tmp_path / "x"), "--report-to", "nowhere")
     assert result.exit_code == 1 and result.output.startswith("Error: --report-to must be one of")
+
+
+def test_runs_go_beside_the_model_and_an_older_model_keeps_its_runs_inside(tmp_path):
+    out = tmp_path / "m"
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.runs" / "clip" / "checkpoints").is_dir() and not (out / "runs").exists()
+    (tmp_path / "m.runs").rename(out / "runs")   # the layout of models trained before
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "runs" / "clip" / "checkpoints" / "step-00000002").is_dir() and not (tmp_path / "m.runs").exists()

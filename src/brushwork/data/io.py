@@ -20,7 +20,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tokenizers.pre_tokenizers import Whitespace
 
 from brushwork.data import emoji
-from brushwork.data.folder import DataOptions, LoadReport, Record, Source, error_reason, index_source, locate, progress_bar
+from brushwork.data.folder import (
+    DataOptions, LoadReport, Record, Source, error_reason, index_source, locate, progress_bar,
+)
 from brushwork.data.shapes import ShapesDataset
 from brushwork.errors import BrushworkError
 

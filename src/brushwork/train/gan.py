@@ -49,7 +49,7 @@ from brushwork.models.gan import (Discriminator, Generator, build_discriminator,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option, settings
+from brushwork.train.options import SharedConfig, option, runs_folder, settings
 from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
 from brushwork.train.stages import image_grid
 
@@ -407,8 +407,8 @@ class GanTrainConfig(SharedConfig):
                                     "threshold before stopping.")
     collapse_after: int = option(500, "--collapse-after", help="Steps before the collapse watch starts.")
     init: Path | None = option(None, "--init", help="Start G (its EMA weights) and D from this GAN run: a GAN "
-                               "folder, its runs/gan/ or one checkpoint folder (fine-tuning with new settings; "
-                               "--resume continues a run unchanged).")
+                               "folder, its run folder (OUT.runs/gan) or one checkpoint folder (fine-tuning with new "
+                               "settings; --resume continues a run unchanged).")
     log_every: int = 10
 
 
@@ -447,16 +447,16 @@ def _check_folders(config: GanTrainConfig) -> None:
 
 def init_checkpoint(path: Path) -> Path:
     """The checkpoint folder `path` names: a checkpoint itself, a run folder (its latest checkpoint) or a GAN
-    folder written by `brushwork train gan` (the latest checkpoint of its runs/gan)."""
+    folder written by `brushwork train gan` (the latest checkpoint of its run, OUT.runs/gan)."""
     path = Path(path).expanduser()
-    for candidate in (path, path / "runs" / "gan"):
+    for candidate in (path, runs_folder(path) / "gan"):
         if (candidate / "g.safetensors").is_file() and (candidate / "d.safetensors").is_file():
             return candidate
         checkpoints = list_checkpoints(candidate) if candidate.is_dir() else []
         if checkpoints:
             return checkpoints[-1]
     raise BrushworkError(f"--init {path}: no GAN checkpoint there (a folder with g.safetensors and d.safetensors, "
-                         "a run folder with checkpoints/, or a GAN folder with runs/gan/).")
+                         "a run folder with checkpoints/, or a GAN folder trained here).")
 
 
 def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path) -> None:
@@ -488,8 +488,11 @@ def _init_facts(checkpoint: Path) -> dict:
     """Where the weights came from, and the commands and steps behind them when the GAN folder is known."""
     state = json.loads((checkpoint / "state.json").read_text()) if (checkpoint / "state.json").is_file() else {}
     facts = {"checkpoint": str(checkpoint), "steps": state.get("step"), "train_time_s": state.get("elapsed_s")}
-    card = checkpoint.parents[3] / "training.json" if len(checkpoint.parents) > 3 else None
-    if card is not None and card.is_file():  # OUT/runs/gan/checkpoints/step-N -> OUT/training.json
+    # OUT.runs/gan/checkpoints/step-N (or the older OUT/runs/gan/checkpoints/step-N) -> OUT/training.json
+    runs = checkpoint.parents[2] if len(checkpoint.parents) > 2 else Path("/")
+    model = runs.with_name(runs.name.removesuffix(".runs")) if runs.name.endswith(".runs") else runs.parent
+    card = model / "training.json"
+    if card.is_file():
         facts["commands"] = json.loads(card.read_text()).get("commands", [])
     return facts
 
@@ -557,7 +560,7 @@ def train_gan(config: GanTrainConfig) -> Path:
     if config.mismatch_share > 0 or config.near_miss_weight > 0:
         require_near_misses(data.captions(), "--mismatch-share" if config.mismatch_share > 0 else "--near-miss-weight",
                             config.data)
-    run_dir = Path(config.work) if config.work else out / "runs" / "gan"
+    run_dir = Path(config.work) if config.work else runs_folder(out) / "gan"
     if config.resume:
         _check_resumable(run_dir)
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]

@@ -5,7 +5,7 @@ MODEL/ (what `brushwork train` writes; loads with diffusers.StableDiffusionPipel
     clip/        the full CLIPModel (text + vision towers), with a CLIPProcessor config, for evaluation
                  (brushwork.models.clip.load_clip also reads a clip/ holding only the vision tower)
     README.md    model card; training.json holds the same facts as data
-    runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage (or under --work)
+OUT.runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage, beside MODEL (or under --work)
 
 Each stage writes its part of MODEL as soon as it ends, so `train clip`, `train vae` and `train unet` can
 run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MODEL.
@@ -37,7 +37,7 @@ from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
 from brushwork.train.loop import TrainConfig, check_report_to, check_writable, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option
+from brushwork.train.options import SharedConfig, option, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
 
@@ -106,7 +106,7 @@ class Plan:
         return Path(self.config.out)
 
     def run_dir(self, stage: str) -> Path:
-        return (Path(self.config.work) if self.config.work else self.out / "runs") / stage
+        return (Path(self.config.work) if self.config.work else runs_folder(self.out)) / stage
 
     def lr(self, stage: str) -> float:
         return self.config.lr or LR[stage]
@@ -175,7 +175,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
 
     out = Path(config.out)
     check_writable(out)
-    work = Path(config.work) if config.work else out / "runs"
+    work = Path(config.work) if config.work else runs_folder(out)
     check_writable(work)
     if not config.resume:
         if stages == STAGES and any(p.name != "runs" for p in out.iterdir()):
