@@ -44,6 +44,8 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path):
     assert test.captions() == ["only one"] and test.source.describe() == "arrow layout, split 'test' of train, test"
     with pytest.raises(BrushworkError, match="no split 'valid'.*train, test"):
         FolderDataset(tmp_path / "dict", options=DataOptions(split="valid"))
+    with pytest.raises(BrushworkError, match="has no splits \\(arrow layout\\): leave out --split"):
+        FolderDataset(tmp_path / "one", options=DataOptions(split="test"))
 
 
 def test_parquet_with_other_column_names_numbers_and_bad_rows(tmp_path):

@@ -485,7 +485,14 @@ def _brace_list(spec: str) -> list[Path]:
 
 def locate(spec: str | Path, options: DataOptions = DataOptions()) -> Source:
     """The layout of the data set at `spec` (a path, or a WebDataset brace list) and the files of its split;
-    BrushworkError when none fits."""
+    BrushworkError when none fits, or when --split names a split of a data set that has none."""
+    source = _locate(spec, options)
+    if options.split is not None and source.split is None:
+        raise BrushworkError(f"{source.path} has no splits ({source.layout} layout): leave out --split.")
+    return source
+
+
+def _locate(spec: str | Path, options: DataOptions) -> Source:
     path = Path(spec).expanduser()
     if not path.exists() and "{" in str(spec):
         return Source(path, "shards", _brace_list(str(spec)))
@@ -498,7 +505,7 @@ def locate(spec: str | Path, options: DataOptions = DataOptions()) -> Source:
                              "of images, a shard, a parquet file or a `datasets` save_to_disk folder")
     if not path.is_dir():
         raise BrushworkError(f"data set path not found: {path}")
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         return _locate_arrow(path, options)
     if any((path / name).is_file() for name in METADATA_FILES):
         return Source(path, "metadata", root=path)
