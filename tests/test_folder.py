@@ -137,14 +137,25 @@ def test_modes_exif_and_large_images_load_as_upright_rgb(tmp_path):
     assert tensor.shape == (3, 32, 32)
 
 
-def test_truncated_jpeg_at_getitem_falls_back_deterministically(tmp_path):
+def test_truncated_jpeg_is_found_when_indexing_so_counts_match_inspect(tmp_path):
     for i in range(4):
         noise_image(i, (64, 64)).save(tmp_path / f"{i}.jpg", quality=90)
         (tmp_path / f"{i}.txt").write_text(f"caption {i}")
     data = (tmp_path / "1.jpg").read_bytes()
-    (tmp_path / "1.jpg").write_bytes(data[: len(data) // 2])   # header intact: passes the index-time check
+    (tmp_path / "1.jpg").write_bytes(data[: len(data) // 2])   # header intact: verify() alone passes it
+    dataset = FolderDataset(tmp_path, draft_side=32)
+    assert len(dataset) == 3 and dataset.report.loaded == 3
+    assert dataset.report.skipped[0][0] == "1.jpg" and dataset.report.skipped[0][1].startswith("truncated")
+
+
+def test_an_image_broken_after_indexing_falls_back_deterministically(tmp_path):
+    for i in range(4):
+        noise_image(i, (64, 64)).save(tmp_path / f"{i}.jpg", quality=90)
+        (tmp_path / f"{i}.txt").write_text(f"caption {i}")
     dataset = FolderDataset(tmp_path)
     assert len(dataset) == 4
+    data = (tmp_path / "1.jpg").read_bytes()
+    (tmp_path / "1.jpg").write_bytes(data[: len(data) // 2])
     item = dataset[1]
     assert item["text"] == "caption 2"
     assert dataset[1]["text"] == "caption 2"

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -15,6 +16,7 @@ from transformers import CLIPTextModel
 from brushwork.data.captions import all_captions, contradicting_captions
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
+from brushwork.train.options import runs_folder
 from brushwork.generation.gan_pipeline import GanModel
 from brushwork.generation.registry import resolve_model
 from brushwork.models.gan import (
@@ -304,7 +306,7 @@ def test_d_can_learn_faster_than_g(text_model, tmp_path):
     settings = dict(data="shapes", text_model=folder, size="tiny", n=16, batch_size=4, mixed_precision="no",
                     collapse_threshold=0.0, sample_every=0, log_every=1)
     out = train_gan(GanTrainConfig(out=tmp_path / "gan", steps=1, lr=1e-4, lr_d=4e-4, **settings))
-    record = json.loads((out / "runs" / "gan" / "log.jsonl").read_text().splitlines()[-1])
+    record = json.loads((runs_folder(out) / "gan" / "log.jsonl").read_text().splitlines()[-1])
     assert record["lr/d"] == pytest.approx(4e-4) and record["lr/g"] == pytest.approx(1e-4)
     facts = json.loads((out / "training.json").read_text())
     assert (facts["lr"], facts["lr_d"]) == (1e-4, 4e-4)
@@ -328,8 +330,11 @@ def test_train_gan_writes_a_self_contained_folder(text_model, tmp_path):
     assert train_gan(config) == out
     for part in ("config.json", "model.safetensors", "tokenizer", "text_encoder", "README.md", "training.json"):
         assert (out / part).exists(), part
-    assert (out / "runs" / "gan" / "samples" / "step-00000003.png").is_file()
+    assert (runs_folder(out) / "gan" / "samples" / "step-00000003.png").is_file()
     assert "- Machine: " in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "brushwork" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["shapes"] and "gan" in card.data.tags
     # The folder holds the very encoder G was trained with (saved from memory, not copied from the text model).
     saved = CLIPTextModel.from_pretrained(out / "text_encoder")
     for name, tensor in text_encoder.state_dict().items():
@@ -350,23 +355,24 @@ def test_init_starts_from_another_runs_weights_and_records_where(text_model, tmp
                     collapse_threshold=0.0, checkpoint_every=2, sample_every=0)
     first = train_gan(GanTrainConfig(out=tmp_path / "first", steps=2, command="brushwork train gan first",
                                      **settings))
-    source = first / "runs" / "gan" / "checkpoints" / "step-00000002"
+    source = runs_folder(first) / "gan" / "checkpoints" / "step-00000002"
     # lr 0: the weights stay where --init put them, so the saved G must be the source's EMA G exactly.
     second = train_gan(GanTrainConfig(out=tmp_path / "second", steps=1, lr=0.0, init=first,
                                       command="brushwork train gan second", **settings))
     expected = load_file(source / "ema-g.safetensors")
     saved = load_file(second / "model.safetensors")
     assert all(torch.equal(expected[k], saved[k]) for k in expected)
-    d_start = load_file(second / "runs" / "gan" / "checkpoints" / "step-00000001" / "d.safetensors")
+    d_start = load_file(runs_folder(second) / "gan" / "checkpoints" / "step-00000001" / "d.safetensors")
     d_source = load_file(source / "d.safetensors")
     assert all(torch.equal(d_source[k], d_start[k]) for k in d_source)
     facts = json.loads((second / "training.json").read_text())
     assert facts["initialized_from"]["checkpoint"] == str(source) and facts["initialized_from"]["steps"] == 2
     assert facts["commands"] == ["brushwork train gan first", "brushwork train gan second"]
     assert f"after 2 steps of {source}" in (second / "README.md").read_text()
+    assert ModelCard.load(second / "README.md").data.base_model == "first"
 
     # a run stopped before it wrote its card, resumed with --init still given, keeps the source's commands
-    shutil.rmtree(second / "runs" / "gan" / "checkpoints" / "step-00000002", ignore_errors=True)
+    shutil.rmtree(runs_folder(second) / "gan" / "checkpoints" / "step-00000002", ignore_errors=True)
     (second / "training.json").unlink()
     resumed = train_gan(GanTrainConfig(out=tmp_path / "second", steps=2, lr=0.0, init=first, resume=True,
                                        command="brushwork train gan second --resume", **settings))
@@ -398,7 +404,7 @@ def test_clip_terms_are_logged_recorded_and_need_a_clip(text_model, tmp_path, mo
     config = GanTrainConfig(data="shapes", text_model=Path("shapes"), out=tmp_path / "gan", size="tiny", steps=2,
                             n=8, batch_size=4, sample_every=0, collapse_threshold=0.0, log_every=1, **{option: 4.0})
     out = train_gan(config)
-    logged = [json.loads(line) for line in (out / "runs" / "gan" / "log.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (runs_folder(out) / "gan" / "log.jsonl").read_text().splitlines()]
     low, high = (-1, 1) if option == "clip_weight" else (1e-6, math.inf)  # a cosine; a cross-entropy
     assert all(low <= entry[metric] <= high for entry in logged)
     facts = json.loads((out / "training.json").read_text())
@@ -478,7 +484,7 @@ def test_train_gan_mismatch_share_is_recorded_and_needs_shapes_captions(text_mod
     assert "near-miss share of D's mismatched captions 0.5" in (out / "README.md").read_text()
     out = train_gan(GanTrainConfig(data="shapes", out=tmp_path / "ranked", near_miss_weight=2.0, log_every=1, **small))
     assert json.loads((out / "training.json").read_text())["near_miss_weight"] == 2.0
-    logged = json.loads((out / "runs" / "gan" / "log.jsonl").read_text().splitlines()[-1])
+    logged = json.loads((runs_folder(out) / "gan" / "log.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(logged["g/near_miss_margin"])
     with pytest.raises(BrushworkError, match="--near-miss-weight must be at least 0"):
         train_gan(GanTrainConfig(data="shapes", out=tmp_path / "other", near_miss_weight=-1.0, **small))
@@ -505,7 +511,7 @@ def test_a_run_with_a_deleted_term_does_not_resume_but_its_weights_start_a_new_o
     settings = dict(data="shapes", text_model=text_model[0], size="tiny", n=8, batch_size=4, sample_every=0,
                     collapse_threshold=0.0, checkpoint_every=1)
     old = train_gan(GanTrainConfig(out=tmp_path / "old", steps=1, **settings))
-    checkpoint = old / "runs" / "gan" / "checkpoints" / "step-00000001"
+    checkpoint = runs_folder(old) / "gan" / "checkpoints" / "step-00000001"
     state = json.loads((checkpoint / "state.json").read_text())   # as a run with --patch-weight 1 left it
     state["fingerprint"]["patch_weight"] = 1.0
     (checkpoint / "state.json").write_text(json.dumps(state))

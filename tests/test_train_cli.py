@@ -5,9 +5,11 @@ import types
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from brushwork.cli import app
+from brushwork.train.options import runs_folder
 from brushwork.train.recipe import shapes_reconstruction_accuracy
 
 runner = CliRunner()
@@ -50,11 +52,20 @@ def test_model_card_and_run_dirs(model):
     assert "`brushwork train --data shapes --out " in card and "--size tiny --n 64`" in card
     for stage in ("clip", "vae", "unet"):
         assert f"| {stage} |" in card
-        assert (model / "runs" / stage / "log.jsonl").is_file()
+        assert (model.parent / "tiny.runs" / stage / "log.jsonl").is_file()
+    assert not (model / "runs").exists()   # nothing pickled inside the folder one shares
     facts = json.loads((model / "training.json").read_text())
     assert facts["stages"]["unet"]["steps"] == 6 and facts["n"] == 64
     assert 0.0 <= facts["stages"]["vae"]["reconstructions_exact"] <= 1.0
     assert "of held-out VAE reconstructions" in (model / "README.md").read_text()
+
+
+def test_model_card_has_hub_metadata(model):
+    card = ModelCard.load(model / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["shapes"]
+    assert {"brushwork", "text-to-image"} <= set(card.data.tags) and card.data.base_model is None
+    assert card.text.lstrip().startswith("# brushwork model (tiny)")
 
 
 def test_resume_of_a_finished_model_and_changed_settings(model):
@@ -90,7 +101,7 @@ def test_bad_input_fails_before_training(tmp_path, args, message):
     result = _train(*args, "--out", str(tmp_path / "m"))
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "m" / "runs" / "clip").exists()
+    assert not (tmp_path / "m.runs" / "clip").exists()
 
 
 def test_refuses_a_non_empty_folder_and_a_unet_without_encoders(tmp_path):
@@ -150,6 +161,7 @@ def test_fine_tuning_starts_from_another_models_unet(model, tmp_path):
     source_facts = facts["stages"]["unet"]["initialized_from"]
     assert source_facts["model"] == str(model) and source_facts["steps"] == 6
     assert f"started from the UNet of `{model}` after 6 steps" in (out / "README.md").read_text()
+    assert ModelCard.load(out / "README.md").data.base_model == model.name
 
 
 def test_fine_tuning_refuses_a_unet_that_does_not_fit(model, tmp_path):
@@ -174,7 +186,7 @@ def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_
     facts = json.loads((out / "training.json").read_text())
     assert facts["stages"]["clip"]["hard_negatives"] == 1.0
     assert "--hard-negatives 1.0" in (out / "README.md").read_text()
-    logged = json.loads((out / "runs" / "clip" / "log.jsonl").read_text().splitlines()[-1])
+    logged = json.loads((runs_folder(out) / "clip" / "log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= logged["near_miss_accuracy"] <= 1.0
     result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume", "--hard-negatives", "0")
     assert result.exit_code == 1 and "hard_negatives: 1.0 -> 0.0" in result.output
@@ -273,3 +285,66 @@ def test_the_budget_is_split_across_the_stages_of_the_command(tmp_path):
     # 15% / 20% / 65% of 600 s, each less 5% of its share (at most a minute) for the work after training
     assert ends == pytest.approx({"clip": 90 - 4.5, "vae": 210 - 6, "unet": 600 - 19.5})
     assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n")).stop_at("unet") is None
+
+
+def test_train_reports_skipped_files_like_inspect(tmp_path, photo_folder):
+    (photo_folder / "2.png").write_bytes(b"not an image")
+    (photo_folder / "3.png").write_bytes(b"")
+    with (photo_folder / "metadata.jsonl").open("a") as metadata:
+        metadata.write(json.dumps({"file_name": "2.png", "text": "broken"}) + "\n")
+        metadata.write(json.dumps({"file_name": "3.png", "text": 7}) + "\n")   # a number is a caption
+    inspected = runner.invoke(app, ["data", "inspect", str(photo_folder)])
+    out = tmp_path / "m"
+    result = _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "1",
+                    "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    for line in ("usable image-caption pairs: 2", "problems: 2", "problems (not an image 2):",
+                 "  2.png: not an image: unrecognised or corrupt header"):
+        assert line in inspected.output.splitlines() and line in result.output.splitlines(), line
+    facts = json.loads((out / "training.json").read_text())
+    assert facts["n"] == 2 and facts["data_report"]["usable"] == 2 and facts["data_report"]["layout"] == "metadata"
+    assert facts["data_report"]["reasons"] == {"not an image": 2}
+    assert ["3.png", "not an image: unrecognised or corrupt header"] in facts["data_report"]["skipped_files"]
+    card = (out / "README.md").read_text()
+    assert "(metadata layout), 2 items at 64×64; 2 skipped (not an image 2; training.json lists them)" in card
+    assert ModelCard.load(out / "README.md").data.license == "other"
+
+
+def test_train_reads_a_split_of_a_parquet_set_with_named_columns(tmp_path):
+    import datasets
+    from PIL import Image
+
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, colors in (("train", ("red", "blue")), ("test", ("green",))):
+        rows = {"picture": [Image.new("RGB", (32, 32), c) for c in colors], "words": [f"a {c} wall" for c in colors]}
+        datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image()).to_parquet(
+            str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    args = ["clip", "--data", str(tmp_path / "hub"), "--size", "tiny", "--steps", "1", "--batch-size", "1"]
+    result = _train(*args, "--out", str(tmp_path / "m"))
+    assert result.exit_code == 1 and "no image column" in result.output and "--image-column" in result.output
+    result = _train(*args, "--out", str(tmp_path / "m"), "--split", "test", "--image-column", "picture",
+                    "--caption-column", "words")
+    assert result.exit_code == 0, result.output
+    assert "data set: " in result.output and "(parquet layout, split 'test' of train, test)" in result.output
+    facts = json.loads((tmp_path / "m" / "training.json").read_text())
+    assert facts["n"] == 1 and facts["data_report"]["split"] == "test"
+
+
+def test_report_to_tensorboard_from_the_command_line(tmp_path):
+    out = tmp_path / "m"
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "2", "--report-to", "tensorboard")
+    assert result.exit_code == 0, result.output
+    assert list((runs_folder(out) / "clip").glob("events.out.tfevents.*"))
+    result = _train("clip", *TINY, "--out", str(tmp_path / "x"), "--report-to", "nowhere")
+    assert result.exit_code == 1 and result.output.startswith("Error: --report-to must be one of")
+
+
+def test_runs_go_beside_the_model_and_an_older_model_keeps_its_runs_inside(tmp_path):
+    out = tmp_path / "m"
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.runs" / "clip" / "checkpoints").is_dir() and not (out / "runs").exists()
+    (tmp_path / "m.runs").rename(out / "runs")   # the layout of models trained before
+    result = _train("clip", *TINY, "--out", str(out), "--steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "runs" / "clip" / "checkpoints" / "step-00000002").is_dir() and not (tmp_path / "m.runs").exists()

@@ -77,6 +77,9 @@ def recipe(
     ctx: typer.Context,
     config_file: Path | None = config_file_option(),
     data: str | None = cli_option(RecipeConfig, "data"),
+    split: str | None = cli_option(RecipeConfig, "split"),
+    image_column: str | None = cli_option(RecipeConfig, "image_column"),
+    caption_column: str | None = cli_option(RecipeConfig, "caption_column"),
     out: Path | None = cli_option(RecipeConfig, "out"),
     size: str = cli_option(RecipeConfig, "size"),
     steps_clip: int | None = cli_option(RecipeConfig, "steps_clip"),
@@ -100,6 +103,7 @@ def recipe(
     sample_every: int = cli_option(RecipeConfig, "sample_every"),
     num_workers: int = cli_option(RecipeConfig, "num_workers"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
+    report_to: str = cli_option(RecipeConfig, "report_to"),
     hard_negatives: float = cli_option(RecipeConfig, "hard_negatives"),
 ) -> None:
     """Train the whole recipe: tokenizer, CLIP, VAE, UNet, into one diffusers pipeline folder."""
@@ -112,6 +116,9 @@ def clip(
     ctx: typer.Context,
     config_file: Path | None = config_file_option(),
     data: str | None = cli_option(RecipeConfig, "data"),
+    split: str | None = cli_option(RecipeConfig, "split"),
+    image_column: str | None = cli_option(RecipeConfig, "image_column"),
+    caption_column: str | None = cli_option(RecipeConfig, "caption_column"),
     out: Path | None = cli_option(RecipeConfig, "out"),
     size: str = cli_option(RecipeConfig, "size"),
     steps_clip: int | None = cli_option(RecipeConfig, "steps_clip", "--steps", help=STAGE_STEPS),
@@ -127,6 +134,7 @@ def clip(
     sample_every: int = cli_option(RecipeConfig, "sample_every"),
     num_workers: int = cli_option(RecipeConfig, "num_workers"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
+    report_to: str = cli_option(RecipeConfig, "report_to"),
     hard_negatives: float = cli_option(RecipeConfig, "hard_negatives"),
 ) -> None:
     """Train the tokenizer and CLIP: writes tokenizer/, text_encoder/ and clip/ into OUT."""
@@ -138,6 +146,9 @@ def vae(
     ctx: typer.Context,
     config_file: Path | None = config_file_option(),
     data: str | None = cli_option(RecipeConfig, "data"),
+    split: str | None = cli_option(RecipeConfig, "split"),
+    image_column: str | None = cli_option(RecipeConfig, "image_column"),
+    caption_column: str | None = cli_option(RecipeConfig, "caption_column"),
     out: Path | None = cli_option(RecipeConfig, "out"),
     size: str = cli_option(RecipeConfig, "size"),
     steps_vae: int | None = cli_option(RecipeConfig, "steps_vae", "--steps", help=STAGE_STEPS),
@@ -152,6 +163,7 @@ def vae(
     sample_every: int = cli_option(RecipeConfig, "sample_every"),
     num_workers: int = cli_option(RecipeConfig, "num_workers"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
+    report_to: str = cli_option(RecipeConfig, "report_to"),
 ) -> None:
     """Train the VAE and measure its latent scale: writes vae/ into OUT."""
     _train_recipe(ctx, ("vae",), config_file)
@@ -162,6 +174,9 @@ def unet(
     ctx: typer.Context,
     config_file: Path | None = config_file_option(),
     data: str | None = cli_option(RecipeConfig, "data"),
+    split: str | None = cli_option(RecipeConfig, "split"),
+    image_column: str | None = cli_option(RecipeConfig, "image_column"),
+    caption_column: str | None = cli_option(RecipeConfig, "caption_column"),
     out: Path | None = cli_option(RecipeConfig, "out"),
     size: str = cli_option(RecipeConfig, "size"),
     steps_unet: int | None = cli_option(RecipeConfig, "steps_unet", "--steps", help=STAGE_STEPS),
@@ -184,6 +199,7 @@ def unet(
     init_unet: str | None = cli_option(RecipeConfig, "init_unet"),
     lr: float | None = cli_option(RecipeConfig, "lr"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
+    report_to: str = cli_option(RecipeConfig, "report_to"),
 ) -> None:
     """Train the UNet on OUT's text encoder and VAE: writes unet/, scheduler/ and model_index.json."""
     _train_recipe(ctx, ("unet",), config_file)
@@ -194,6 +210,9 @@ def gan(
     ctx: typer.Context,
     config_file: Path | None = config_file_option(),
     data: str | None = cli_option(GanTrainConfig, "data"),
+    split: str | None = cli_option(GanTrainConfig, "split"),
+    image_column: str | None = cli_option(GanTrainConfig, "image_column"),
+    caption_column: str | None = cli_option(GanTrainConfig, "caption_column"),
     text_model: Path | None = cli_option(GanTrainConfig, "text_model"),
     out: Path | None = cli_option(GanTrainConfig, "out"),
     size: str = cli_option(GanTrainConfig, "size"),
@@ -221,6 +240,7 @@ def gan(
     sample_every: int = cli_option(GanTrainConfig, "sample_every"),
     num_workers: int = cli_option(GanTrainConfig, "num_workers"),
     max_minutes: float | None = cli_option(GanTrainConfig, "max_minutes"),
+    report_to: str = cli_option(GanTrainConfig, "report_to"),
     init: Path | None = cli_option(GanTrainConfig, "init"),
     hard_negatives: float | None = typer.Option(None, "--hard-negatives", hidden=True),  # --mismatch-share's old name
 ) -> None:

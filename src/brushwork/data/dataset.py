@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from brushwork.data.folder import FolderDataset, LoadReport
+from brushwork.data.folder import DataOptions, FolderDataset, LoadReport
 from brushwork.data.io import write_emoji
 from brushwork.data.shapes import ShapesDataset
 from brushwork.data.transforms import ImageTransform
@@ -17,9 +17,12 @@ NAMES = ("shapes", "emoji")
 SHAPES_DEFAULT_N = 100_000
 SHAPES_CANVAS = 64   # the shapes contract is drawn at 64 px; other resolutions are resized by the transform
 ACCEPTED = ("'shapes', 'emoji', or a path: a folder of images with metadata.jsonl (file_name, text) "
-            "or a .txt caption beside each image, a WebDataset .tar shard, or a folder of .tar shards")
+            "or a .txt caption beside each image, a folder of such split folders (train/, test/), WebDataset "
+            ".tar/.tar.gz shards (a file, a folder of them or a brace list shard-{00000..00009}.tar), a .parquet "
+            "file or a folder of them, or a `datasets` save_to_disk folder")
 
-__all__ = ["open_dataset", "open_source", "ImageTextDataset", "LoadReport", "cache_root", "emoji_folder"]
+__all__ = ["open_dataset", "open_source", "ImageTextDataset", "DataOptions", "LoadReport", "cache_root",
+           "emoji_folder", "data_facts", "report_lines"]
 
 
 def cache_root() -> Path:
@@ -52,8 +55,8 @@ def emoji_folder(size: int) -> Path:
     return folder
 
 
-def open_source(spec: str | Path, resolution: int = 64, n: int | None = None, seed: int = 0
-                ) -> torch.utils.data.Dataset:
+def open_source(spec: str | Path, resolution: int = 64, n: int | None = None, seed: int = 0,
+                options: DataOptions = DataOptions()) -> torch.utils.data.Dataset:
     """The raw source behind `spec`: items {"image": PIL.Image, "text": str, ...}, with a `.report`.
 
     For shapes, n is the number of samples (default 100,000); other sources are read whole (n is applied
@@ -68,9 +71,9 @@ def open_source(spec: str | Path, resolution: int = 64, n: int | None = None, se
     if spec == "emoji":
         return FolderDataset(emoji_folder(resolution))
     path = Path(spec).expanduser()
-    if not path.exists():
+    if not path.exists() and "{" not in str(spec):   # a brace list of shards names files, not itself
         raise BrushworkError(f"unknown data set {str(spec)!r}: no such name or path. Accepted: {ACCEPTED}")
-    return FolderDataset(path, draft_side=resolution)
+    return FolderDataset(spec, draft_side=resolution, options=options)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
@@ -101,11 +104,36 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return self.source.captions()[: self.length]
 
 
+def data_facts(data: ImageTextDataset) -> dict:
+    """What training.json records of the data: its layout and split, the usable count and the problems found."""
+    facts = data.report.to_json()
+    source = getattr(data.source, "source", None)   # a FolderDataset's located source
+    if source is not None:
+        facts["layout"] = source.layout
+        if source.split is not None:
+            facts["split"] = source.split
+    return facts
+
+
+def report_lines(spec: str, data: ImageTextDataset, limit: int = 20) -> list[str]:
+    """What `train` prints about the user's data: `data inspect`'s counts and problems (the first `limit`)."""
+    if spec in NAMES:
+        return []
+    source = getattr(data.source, "source", None)
+    where = f" ({source.describe()})" if source is not None else ""
+    lines = [f"data set: {spec}{where}", f"usable image-caption pairs: {data.report.loaded}",
+             f"problems: {len(data.report.skipped)}", *data.report.problem_lines(limit)]
+    if len(data.report.skipped) > limit:
+        lines.append(f"  (`brushwork data inspect {spec}` lists every one)")
+    return lines
+
+
 def open_dataset(spec: str, resolution: int = 64, n: int | None = None, seed: int = 0,
-                 center_crop: bool = True, random_flip: bool = False) -> ImageTextDataset:
-    """A name ("shapes", "emoji") or a path (image folder, .tar shard, folder of shards) as a Dataset of
-    {"pixel_values", "text"} at `resolution`. For shapes, n is the sample count (default 100,000) and seed
-    picks the samples; for other sources n keeps the first n items. BrushworkError if missing or empty."""
-    source = open_source(spec, resolution, n, seed)
+                 center_crop: bool = True, random_flip: bool = False,
+                 options: DataOptions = DataOptions()) -> ImageTextDataset:
+    """A name ("shapes", "emoji") or a path (see ACCEPTED) as a Dataset of {"pixel_values", "text"} at
+    `resolution`. For shapes, n is the sample count (default 100,000) and seed picks the samples; for other
+    sources n keeps the first n items; `options` picks a split and columns. BrushworkError if missing or empty."""
+    source = open_source(spec, resolution, n, seed, options)
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
     return ImageTextDataset(source, transform, limit=None if spec == "shapes" else n)

@@ -1,7 +1,8 @@
 """Data set folders: writing them safely, inspecting them, and drawing preview grids.
 
 A written folder is Hugging Face imagefolder layout, which `open_dataset` and most tools read:
-`images/NNNNNN.png` and `metadata.jsonl` rows {"file_name", "text", ...extra fields}.
+`images/NNNNNN.png` and `metadata.jsonl` rows {"file_name", "text", ...extra fields}; or, with
+format="webdataset", shards `shard-NNNNN.tar` of `KEY.png`, `KEY.txt` and `KEY.json` (the extra fields).
 """
 
 import json
@@ -20,10 +21,18 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from brushwork.data import emoji
 from brushwork.data.folder import (
-    LoadReport, Record, detect_layout, error_reason, index_folder, index_shards, progress_bar,
+    DataOptions, LoadReport, Record, Source, error_reason, index_source, locate, progress_bar,
 )
 from brushwork.data.shapes import ShapesDataset
 from brushwork.errors import BrushworkError
+
+
+FORMATS = ("imagefolder", "webdataset")
+SHARD_SIZE = 10_000   # items per written shard
+
+
+def _is_data_folder(out: Path) -> bool:
+    return (out / "metadata.jsonl").is_file() or any(out.glob("shard-*.tar"))
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:
@@ -32,23 +41,27 @@ def _check_writable(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise BrushworkError(f"{out} is not empty; choose another folder or pass --overwrite to replace it")
-        if not (out / "metadata.jsonl").is_file():  # --overwrite must never wipe an unrelated folder
-            raise BrushworkError(f"refusing to replace {out}: it is not a data set folder (no metadata.jsonl)")
+        if not _is_data_folder(out):  # --overwrite must never wipe an unrelated folder
+            raise BrushworkError(f"refusing to replace {out}: it is not a data set folder (no metadata.jsonl or shards)")
 
 
 def write_dataset(items: Iterable[dict], out: str | Path, total: int | None = None, overwrite: bool = False,
-                  extra_files: dict[str, str] | None = None, description: str = "writing") -> int:
-    """Write items {"image": PIL.Image, "text": str, **json-able extras} as an imagefolder data set.
+                  extra_files: dict[str, str] | None = None, description: str = "writing",
+                  format: str = "imagefolder") -> int:
+    """Write items {"image": PIL.Image, "text": str, **json-able extras} as an imagefolder data set, or as
+    WebDataset shards (format="webdataset").
 
     Everything is written into a hidden temporary folder beside `out` and renamed into place at the end,
     so an interrupted write never leaves a half data set. A non-empty `out` is refused unless `overwrite`.
     `extra_files` maps file names to text (e.g. ATTRIBUTION). Returns the number of items written.
     """
     out = Path(out).expanduser()
+    if format not in FORMATS:
+        raise BrushworkError(f"unknown data set format {format!r}: choose {' or '.join(FORMATS)}")
     _check_writable(out, overwrite)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        return _write_staged(items, out, staging, total, overwrite, extra_files or {}, description)
+        return _write_staged(items, out, staging, total, overwrite, extra_files or {}, description, format)
     except OSError as error:
         raise BrushworkError(f"cannot write the data set to {out}: {error}") from None
     finally:
@@ -56,20 +69,14 @@ def write_dataset(items: Iterable[dict], out: str | Path, total: int | None = No
 
 
 def _write_staged(items: Iterable[dict], out: Path, staging: Path, total: int | None, overwrite: bool,
-                  extra_files: dict[str, str], description: str) -> int:
+                  extra_files: dict[str, str], description: str, format: str) -> int:
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "images").mkdir(parents=True)
+    staging.mkdir(parents=True)
     width = max(6, len(str(total - 1))) if total else 6
-    count = 0
-    with open(staging / "metadata.jsonl", "w", encoding="utf-8") as metadata, progress_bar() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(description, total=total)
-        for count, item in enumerate(items, 1):
-            file_name = f"images/{count - 1:0{width}d}.png"
-            item["image"].save(staging / file_name)
-            extras = {key: value for key, value in item.items() if key not in ("image", "text", "file_name")}
-            metadata.write(json.dumps({"file_name": file_name, "text": item["text"], **extras},
-                                      ensure_ascii=False) + "\n")
-            progress.advance(task)
+        write = _write_shards if format == "webdataset" else _write_imagefolder
+        count = write(items, staging, width, lambda: progress.advance(task))
     for name, text in extra_files.items():
         (staging / name).write_text(text, encoding="utf-8")
     if out.exists():
@@ -83,24 +90,54 @@ def _write_staged(items: Iterable[dict], out: Path, staging: Path, total: int | 
     return count
 
 
+def _extras(item: dict) -> dict:
+    return {key: value for key, value in item.items() if key not in ("image", "text", "file_name")}
+
+
+def _write_imagefolder(items: Iterable[dict], staging: Path, width: int, advance) -> int:
+    (staging / "images").mkdir()
+    count = 0
+    with open(staging / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+        for count, item in enumerate(items, 1):
+            file_name = f"images/{count - 1:0{width}d}.png"
+            item["image"].save(staging / file_name)
+            metadata.write(json.dumps({"file_name": file_name, "text": item["text"], **_extras(item)},
+                                      ensure_ascii=False) + "\n")
+            advance()
+    return count
+
+
+def _write_shards(items: Iterable[dict], staging: Path, width: int, advance) -> int:
+    import webdataset
+
+    count = 0
+    with webdataset.ShardWriter(str(staging / "shard-%05d.tar"), maxcount=SHARD_SIZE, verbose=0) as sink:
+        for count, item in enumerate(items, 1):
+            sink.write({"__key__": f"{count - 1:0{width}d}", "png": item["image"], "txt": item["text"],
+                        "json": {"text": item["text"], **_extras(item)}})
+            advance()
+    return count
+
+
 def write_shapes(out: str | Path, n: int, seed: int = 0, size: int = 64,
-                 task_weights: dict[str, float] | None = None, overwrite: bool = False) -> int:
+                 task_weights: dict[str, float] | None = None, overwrite: bool = False,
+                 format: str = "imagefolder") -> int:
     """Render n shapes samples into a data set folder; each metadata row also carries the scene."""
     dataset = ShapesDataset(n, seed, task_weights, size)
     items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict()}
              for item in (dataset[i] for i in range(n)))
-    return write_dataset(items, out, total=n, overwrite=overwrite, description="rendering shapes")
+    return write_dataset(items, out, total=n, overwrite=overwrite, description="rendering shapes", format=format)
 
 
 def write_emoji(out: str | Path, size: int = 64, limit: int | None = None,
-                overwrite: bool = False) -> emoji.EmojiBuild:
+                overwrite: bool = False, format: str = "imagefolder") -> emoji.EmojiBuild:
     """Build the emoji data set into a folder with its ATTRIBUTION file; returns the build (counts, skips)."""
     _check_writable(Path(out).expanduser(), overwrite)
     build = emoji.build_emoji(size, limit=limit, progress=True)
     items = ({"image": item.image, "text": item.text, "emoji": item.emoji, "codepoints": item.codepoints}
              for item in build.items)
     write_dataset(items, out, total=len(build.items), overwrite=overwrite,
-                  extra_files={"ATTRIBUTION": emoji.attribution_text(size)}, description="writing emoji")
+                  extra_files={"ATTRIBUTION": emoji.attribution_text(size)}, description="writing emoji", format=format)
     return build
 
 
@@ -118,7 +155,7 @@ class Stats:
 @dataclass
 class Inspection:
     path: Path
-    layout: str
+    source: Source
     report: LoadReport
     words: Stats
     tokens: Stats                 # pieces after the Whitespace pre-tokenizer (a lower bound on BPE tokens)
@@ -129,15 +166,12 @@ class Inspection:
     formats: Counter = field(default_factory=Counter)
 
 
-def inspect_dataset(path: str | Path) -> Inspection:
-    """Index a data set folder or shard(s), then decode every image: counts, caption lengths, image sizes,
-    modes, formats and every problem (per file, with its reason). Does not raise for an empty data set."""
-    path = Path(path).expanduser()
-    layout = detect_layout(path)
-    if layout == "shards":
-        records, report = index_shards([path] if path.is_file() else sorted(path.glob("*.tar")))
-    else:
-        records, report = index_folder(path)
+def inspect_dataset(path: str | Path, options: DataOptions = DataOptions()) -> Inspection:
+    """Index a data set (anything `locate` reads), then read every usable image's size, mode and format: counts,
+    caption lengths, image sizes and every problem (per file, with its reason). Does not raise for an empty
+    data set. Its counts are those `train` reports: both check images the same way while indexing."""
+    source = locate(path, options)
+    records, report = index_source(source, options)
     good: list[Record] = []
     widths, heights, modes, formats = [], [], Counter(), Counter()
     with progress_bar() as progress:
@@ -158,7 +192,7 @@ def inspect_dataset(path: str | Path) -> Inspection:
     pre_tokenizer = Whitespace()
     captions = [record.text for record in good]
     return Inspection(
-        path=path, layout=layout, report=report,
+        path=source.path, source=source, report=report,
         words=Stats.of([len(text.split()) for text in captions]),
         tokens=Stats.of([len(pre_tokenizer.pre_tokenize_str(text)) for text in captions]),
         unique_captions=len(set(captions)),

@@ -41,16 +41,16 @@ from torch.utils.data import Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.captions import contradictions_by_kind, require_near_misses
-from brushwork.data.dataset import open_dataset
+from brushwork.data.dataset import DataOptions, data_facts, open_dataset, report_lines
 from brushwork.errors import BrushworkError
 from brushwork.generation.registry import resolve_model
 from brushwork.models.clip import load_clip
 from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
-from brushwork.train.loop import BaseStage, TrainConfig, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option, settings
-from brushwork.train.recipe import describe_machine, machine_facts
+from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, run
+from brushwork.train.options import SharedConfig, option, runs_folder, settings
+from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
 from brushwork.train.stages import image_grid
 
 LOSSES = ("hinge", "nonsaturating")
@@ -407,8 +407,8 @@ class GanTrainConfig(SharedConfig):
                                     "threshold before stopping.")
     collapse_after: int = option(500, "--collapse-after", help="Steps before the collapse watch starts.")
     init: Path | None = option(None, "--init", help="Start G (its EMA weights) and D from this GAN run: a GAN "
-                               "folder, its runs/gan/ or one checkpoint folder (fine-tuning with new settings; "
-                               "--resume continues a run unchanged).")
+                               "folder, its run folder (OUT.runs/gan) or one checkpoint folder (fine-tuning with new "
+                               "settings; --resume continues a run unchanged).")
     log_every: int = 10
 
 
@@ -447,16 +447,16 @@ def _check_folders(config: GanTrainConfig) -> None:
 
 def init_checkpoint(path: Path) -> Path:
     """The checkpoint folder `path` names: a checkpoint itself, a run folder (its latest checkpoint) or a GAN
-    folder written by `brushwork train gan` (the latest checkpoint of its runs/gan)."""
+    folder written by `brushwork train gan` (the latest checkpoint of its run, OUT.runs/gan)."""
     path = Path(path).expanduser()
-    for candidate in (path, path / "runs" / "gan"):
+    for candidate in (path, runs_folder(path) / "gan"):
         if (candidate / "g.safetensors").is_file() and (candidate / "d.safetensors").is_file():
             return candidate
         checkpoints = list_checkpoints(candidate) if candidate.is_dir() else []
         if checkpoints:
             return checkpoints[-1]
     raise BrushworkError(f"--init {path}: no GAN checkpoint there (a folder with g.safetensors and d.safetensors, "
-                         "a run folder with checkpoints/, or a GAN folder with runs/gan/).")
+                         "a run folder with checkpoints/, or a GAN folder trained here).")
 
 
 def load_init(generator: Generator, discriminator: Discriminator, checkpoint: Path) -> None:
@@ -491,21 +491,26 @@ def _init_facts(checkpoint: Path) -> dict:
     """Where the weights came from, and the commands and steps behind them when the GAN folder is known."""
     state = json.loads((checkpoint / "state.json").read_text()) if (checkpoint / "state.json").is_file() else {}
     facts = {"checkpoint": str(checkpoint), "steps": state.get("step"), "train_time_s": state.get("elapsed_s")}
-    card = checkpoint.parents[3] / "training.json" if len(checkpoint.parents) > 3 else None
-    if card is not None and card.is_file():  # OUT/runs/gan/checkpoints/step-N -> OUT/training.json
+    # OUT.runs/gan/checkpoints/step-N (or the older OUT/runs/gan/checkpoints/step-N) -> OUT/training.json
+    runs = checkpoint.parents[2] if len(checkpoint.parents) > 2 else Path("/")
+    model = runs.with_name(runs.name.removesuffix(".runs")) if runs.name.endswith(".runs") else runs.parent
+    card = model / "training.json"
+    if card.is_file():
         facts["commands"] = json.loads(card.read_text()).get("commands", [])
     return facts
 
 
 def _model_card(facts: dict) -> str:
-    return f"""# brushwork GAN ({facts['size']})
+    # library_name "brushwork": diffusers cannot load a GAN folder; BrushworkPipeline.from_pretrained can.
+    return front_matter(facts, library="brushwork", tags=["gan"], base_model=facts.get("base_model")) + f"""\
+# brushwork GAN ({facts['size']})
 
 A one-step text-to-image generator (a text-conditional GAN) trained with brushwork. `config.json` and
 `model.safetensors` hold the generator (EMA weights); `text_encoder/` and `tokenizer/` are the frozen CLIP
 text tower it is conditioned on. Steps, sampler and guidance do not apply to it.
 
 - Commands, in order: {'; '.join(f'`{c}`' for c in facts['commands'])}
-- Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
+- Data: {data_line(facts)}
 - Text encoder from: `{facts['text_model']}`
 - Steps: {facts['steps']}{_init_line(facts)} (batch {facts['batch_size']}, lr {facts['lr']} (D: {facts['lr_d']}), \
 {facts['loss']} loss, R1 γ {facts['r1_gamma']},
@@ -541,6 +546,7 @@ def train_gan(config: GanTrainConfig) -> Path:
     if config.r1_gamma < 0 or config.r1_every < 1 or config.collapse_patience < 1 or config.collapse_after < 0:
         raise BrushworkError("--r1-gamma and --collapse-after must be >= 0, --r1-every and --collapse-patience >= 1.")
     _check_folders(config)
+    check_report_to(config.report_to)
     text_model, out = resolve_model(config.text_model), Path(config.out)
     tokenizer = CLIPTokenizer.from_pretrained(text_model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(text_model / "text_encoder")
@@ -550,11 +556,15 @@ def train_gan(config: GanTrainConfig) -> Path:
     init = init_checkpoint(config.init) if config.init is not None else None
     if init is not None:  # when --resume finds a checkpoint of its own, the loop loads that over these
         load_init(generator, discriminator, init)
-    data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed)
+    data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed,
+                        options=DataOptions(config.split, config.image_column, config.caption_column))
+    if PartialState().is_main_process:
+        for line in report_lines(config.data, data):
+            print(line)
     if config.mismatch_share > 0 or config.near_miss_weight > 0:
         require_near_misses(data.captions(), "--mismatch-share" if config.mismatch_share > 0 else "--near-miss-weight",
                             config.data)
-    run_dir = Path(config.work) if config.work else out / "runs" / "gan"
+    run_dir = Path(config.work) if config.work else runs_folder(out) / "gan"
     if config.resume:
         _check_resumable(run_dir)
     steps, batch_size = config.steps or size["steps"], config.batch_size or size["batch_size"]
@@ -571,7 +581,8 @@ def train_gan(config: GanTrainConfig) -> Path:
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
         ema_decay=config.ema_decay or None, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
-        num_workers=config.num_workers, stop_at=_stop_at(command_started, config.max_minutes)))
+        num_workers=config.num_workers, stop_at=_stop_at(command_started, config.max_minutes),
+        report_to=config.report_to))
     if PartialState().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")
         save_generator(g, out)
@@ -591,7 +602,10 @@ def train_gan(config: GanTrainConfig) -> Path:
         if config.command and config.command not in commands:
             commands.append(config.command)
         # the settings, then what they came to: steps done, the data's size, the defaults filled in
+        base_model = card_name(str(config.init)) if config.init is not None else (
+            previous.get("base_model") if config.resume else None)
         facts = {"kind": "gan", "commands": commands, **settings(config), "n": len(data),
+                 "data_report": data_facts(data), "base_model": base_model,
                  "resolution": generator.config.resolution, "steps": result.step, "batch_size": batch_size,
                  "lr_d": config.lr_d or config.lr, "ema_decay": config.ema_decay or None,
                  "parameters": {"g": count_parameters(generator), "d": count_parameters(discriminator)},

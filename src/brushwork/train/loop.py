@@ -57,6 +57,7 @@ _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 _TEMP_PREFIX = ".tmp-"
 PRECISIONS = ("no", "bf16", "fp16", "auto")
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # ours -> diffusers' name
+REPORT_TO = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes per training process
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
     stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
+    report_to: str = "none"  # also log to "tensorboard", "wandb", "all" of them or "none" (log.jsonl is always written)
 
 
 class Stage(Protocol):
@@ -353,6 +355,32 @@ def _check_config(config: TrainConfig) -> None:
         problems.append(f"max_minutes must be a positive number of minutes (got {config.max_minutes})")
     if problems:
         raise BrushworkError("Invalid training config: " + "; ".join(problems) + ".")
+    check_report_to(config.report_to)
+
+
+def check_report_to(report_to: str) -> None:
+    """BrushworkError unless `report_to` names trackers whose packages are installed."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if report_to not in REPORT_TO:
+        raise BrushworkError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}.")
+    installed = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    missing = [name for name in REPORT_TO[report_to] if not installed[name]]
+    if missing:
+        raise BrushworkError(f"--report-to {report_to} needs {' and '.join(missing)}, which is not installed: "
+                             f"pip install {' '.join(missing)}")
+
+
+def _trackers(config: TrainConfig) -> list:
+    """accelerate's trackers for config.report_to. TensorBoard's events go beside log.jsonl (so that `tensorboard
+    --logdir` on the runs folder shows one run per stage); wandb runs offline unless WANDB_MODE says otherwise."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    out_dir = Path(config.out_dir)
+    kinds = {"tensorboard": lambda: TensorBoardTracker(out_dir.name, out_dir.parent),
+             "wandb": lambda: WandBTracker("brushwork", name=out_dir.name, dir=str(out_dir),
+                                           mode=os.environ.get("WANDB_MODE", "offline"), config=_config_json(config))}
+    return [kinds[name]() for name in REPORT_TO[config.report_to]]
 
 
 def check_writable(out_dir: Path) -> None:
@@ -449,7 +477,11 @@ class _Trainer:
         AcceleratorState._reset_state()
         GradientState._reset_state()
         ddp = DistributedDataParallelKwargs(find_unused_parameters=getattr(stage, "find_unused_parameters", False))
-        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision=precision, kwargs_handlers=[ddp])
+        trackers = _trackers(config)
+        self.accelerator = acc = Accelerator(cpu=use_cpu, mixed_precision=precision, kwargs_handlers=[ddp],
+                                             log_with=trackers or None)
+        if trackers:
+            acc.init_trackers("brushwork")
         self.precision = precision
         world = acc.num_processes
         if world > 1:
@@ -685,6 +717,7 @@ class _Trainer:
                         if acc.is_main_process:
                             with self.log_path.open("a") as f:
                                 f.write(json.dumps(record) + "\n")
+                            acc.log(record, step=step)
                             progress.update(task, status=f"loss {record['loss']:.4g}  {images_per_s:.1f} img/s")
                     if save_now:
                         if acc.is_main_process:
@@ -702,6 +735,8 @@ class _Trainer:
         finally:
             for name, wrapped in self.wrapped.items():  # undo accelerate's in-place forward patch
                 self.modules[name] = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+            for tracker in acc.trackers:  # not acc.end_training(): that also ends the process group later stages use
+                tracker.finish()
         ema = {name: e.module for name, e in self.ema.items()} if self.ema is not None else None
         return TrainResult(step=step, modules=self.modules, ema=ema, log_path=self.log_path,
                            checkpoint=self.last_checkpoint)
@@ -829,6 +864,11 @@ class _Trainer:
             samples = self.out_dir / "samples"
             samples.mkdir(exist_ok=True)
             image.save(samples / f"step-{step:08d}.png")
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"samples": np.asarray(image.convert("RGB"))[None]}, step, dataformats="NHWC")
+                else:
+                    tracker.log_images({"samples": [image]}, step)
 
 
 def run(stage: Stage, config: TrainConfig) -> TrainResult:

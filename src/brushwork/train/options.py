@@ -8,6 +8,7 @@ and the model card is written back from them. Fields without flags (e.g. `comman
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -29,12 +30,18 @@ def option_fields(config_class: type) -> dict[str, dataclasses.Field]:
 class SharedConfig:
     """The options every `brushwork train` command takes."""
 
-    data: str | None = option(None, "--data", "-d", help="'shapes', 'emoji', or a data set folder / .tar.")
+    data: str | None = option(None, "--data", "-d", help="'shapes', 'emoji', or a data set: a folder, shards, "
+                              "parquet or a `datasets` save_to_disk folder (see `brushwork data inspect`).")
+    split: str | None = option(None, "--split", help="Split of a split data set (default: train).")
+    image_column: str | None = option(None, "--image-column", help="Column holding the images (default: image, "
+                                      "img, png, jpg, ...).")
+    caption_column: str | None = option(None, "--caption-column", help="Column holding the captions (default: "
+                                        "text, caption, prompt, ...).")
     out: Path | None = option(None, "--out", "-o", help="Model folder to write (diffusers layout).")
     batch_size: int | None = option(None, "--batch-size", help="Images per step (default: the size's).")
     n: int | None = option(None, "--n", help="Use this many items (shapes: images to draw; default 100000).")
     work: Path | None = option(None, "--work",
-                               help="Folder for checkpoints, logs and samples (default: OUT/runs).")
+                               help="Folder for checkpoints, logs and samples (default: OUT.runs beside OUT).")
     resume: bool = option(False, "--resume", help="Continue an interrupted training in OUT.")
     seed: int = option(0, "--seed", help="Seed of the data and of training.")
     mixed_precision: str = option("auto", "--precision", help="Mixed precision: auto, no, bf16, fp16.")
@@ -47,7 +54,17 @@ class SharedConfig:
                                        help="Wall-clock budget of the whole command in minutes (the recipe splits "
                                        "it: CLIP 15%, VAE 20%, UNet 65%); training stops with a checkpoint, saved "
                                        "as if its steps were done, when its time is spent; --resume goes on.")
+    report_to: str = option("none", "--report-to", help="Also log losses, lr and sample grids to tensorboard, "
+                            "wandb (offline unless WANDB_MODE says), all or none; log.jsonl is always written.")
     command: str = ""  # the command line that trains with these settings, for the model card
+
+
+def runs_folder(out: Path) -> Path:
+    """Where a model's training runs (checkpoints with pickled optimizer state, logs, samples) go without --work:
+    beside the model folder, OUT.runs/, so that the folder one shares or uploads holds none of them. A model
+    trained before keeps its OUT/runs/."""
+    out = Path(os.path.abspath(out))
+    return out / "runs" if (out / "runs").is_dir() else out.parent / f"{out.name}.runs"
 
 
 def settings(config) -> dict:

@@ -5,7 +5,7 @@ MODEL/ (what `brushwork train` writes; loads with diffusers.StableDiffusionPipel
     clip/        the full CLIPModel (text + vision towers), with a CLIPProcessor config, for evaluation
                  (brushwork.models.clip.load_clip also reads a clip/ holding only the vision tower)
     README.md    model card; training.json holds the same facts as data
-    runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage (or under --work)
+OUT.runs/<stage>/  checkpoints, log.jsonl, samples/ of each stage, beside MODEL (or under --work)
 
 Each stage writes its part of MODEL as soon as it ends, so `train clip`, `train vae` and `train unet` can
 run one at a time; `train unet` reads text_encoder/, tokenizer/ and vae/ from MODEL.
@@ -29,21 +29,22 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.captions import has_near_misses, require_near_misses
-from brushwork.data.dataset import open_dataset
+from brushwork.data.dataset import DataOptions, data_facts, open_dataset, report_lines
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
 from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
-from brushwork.train.loop import TrainConfig, check_writable, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option
+from brushwork.train.loop import TrainConfig, check_report_to, check_writable, list_checkpoints, run
+from brushwork.train.options import SharedConfig, option, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
 
 STAGES = ("clip", "vae", "unet")
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
-RESUME_KEYS = {"common": ("data", "n", "size", "resolution", "batch_size", "seed"), "clip": ("vocab_size", "hard_negatives"),
+RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n", "size", "resolution", "batch_size",
+                          "seed"), "clip": ("vocab_size", "hard_negatives"),
                "vae": ("kl_weight", "reconstruction"),
                "unet": ("prediction_type", "beta_schedule", "zero_terminal_snr", "snr_gamma", "caption_dropout")}
 
@@ -105,7 +106,7 @@ class Plan:
         return Path(self.config.out)
 
     def run_dir(self, stage: str) -> Path:
-        return (Path(self.config.work) if self.config.work else self.out / "runs") / stage
+        return (Path(self.config.work) if self.config.work else runs_folder(self.out)) / stage
 
     def lr(self, stage: str) -> float:
         return self.config.lr or LR[stage]
@@ -170,10 +171,11 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
         raise BrushworkError(f"--hard-negatives is a share of the images, from 0 to 1; got {config.hard_negatives}.")
     if not 0 <= config.caption_dropout < 1:
         raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
+    check_report_to(config.report_to)
 
     out = Path(config.out)
     check_writable(out)
-    work = Path(config.work) if config.work else out / "runs"
+    work = Path(config.work) if config.work else runs_folder(out)
     check_writable(work)
     if not config.resume:
         if stages == STAGES and any(p.name != "runs" for p in out.iterdir()):
@@ -193,7 +195,11 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
             raise BrushworkError(f"{out} has no {', '.join(missing)}/: train the clip and vae stages into it first "
                                  "(brushwork train clip / train vae), or run the whole recipe.")
 
-    data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed)
+    data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed,
+                        options=DataOptions(config.split, config.image_column, config.caption_column))
+    if PartialState().is_main_process:
+        for line in report_lines(config.data, data):
+            print(line)
     if len(data) == 0:
         raise BrushworkError(f"data set {config.data!r} has no items: add images with captions.")
     if config.hard_negatives is None:   # the default: near misses wherever the captions allow them
@@ -224,7 +230,7 @@ def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainC
                        weight_decay=WEIGHT_DECAY[stage], warmup_steps=min(500, steps // 20),
                        lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
                        checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
-                       resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage))
+                       resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage), report_to=c.report_to)
 
 
 def _main_process() -> bool:
@@ -246,7 +252,7 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     commands = facts.get("commands", [])
     if p.config.command and p.config.command not in commands:
         commands.append(p.config.command)   # a resumed or staged training adds its command to the history
-    facts.update(data=p.config.data, n=len(p.data), size=p.size.name, resolution=p.size.resolution,
+    facts.update(data=p.config.data, n=len(p.data), data_report=data_facts(p.data), size=p.size.name, resolution=p.size.resolution,
                  commands=commands, machine=machine_facts(),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
@@ -296,7 +302,9 @@ def model_card(facts: dict) -> str:
     schedule_line = (f"- Noise schedule: {schedule['beta_schedule']}, {schedule['num_train_timesteps']} steps, "
                      f"{schedule['prediction_type']} prediction; UNet weights are the EMA (decay "
                      f"{facts.get('ema_decay')}).\n" if schedule else "")
-    return f"""# brushwork model ({facts['size']})
+    base = facts["stages"].get("unet", {}).get("initialized_from")
+    return front_matter(facts, library="diffusers", tags=["diffusion"], base_model=base and base["model"]) + f"""\
+# brushwork model ({facts['size']})
 
 A text-to-image model trained from scratch with brushwork, in diffusers' StableDiffusionPipeline layout.
 `clip/` holds the CLIP model used for evaluation (a shipped copy keeps only its vision tower: the text tower
@@ -304,7 +312,7 @@ is `text_encoder/`).
 
 - Commands, in order:
 {_command_lines(facts)}
-- Data: `{facts['data']}`, {facts['n']} items at {facts['resolution']}×{facts['resolution']}
+- Data: {data_line(facts)}
 - Machine: {hardware}
 - Versions: {', '.join(f'{name} {version}' for name, version in facts['versions'].items())}
 {schedule_line}
@@ -312,6 +320,38 @@ is `text_encoder/`).
 | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 {_reconstruction_line(facts)}{_init_line(facts)}"""
+
+
+LICENSES = {"shapes": "apache-2.0", "emoji": "cc-by-sa-4.0"}   # emoji: OpenMoji's ShareAlike licence
+
+
+def front_matter(facts: dict, library: str, tags: list[str], base_model: str | None = None) -> str:
+    """The card's YAML metadata, as the Hub reads it (huggingface_hub.ModelCard.load). A user's own data set
+    gets license "other": only its owner knows its terms. Data sets and base models are named, not given as
+    local paths."""
+    from huggingface_hub import ModelCardData
+
+    metadata = ModelCardData(license=LICENSES.get(facts["data"], "other"), library_name=library,
+                             pipeline_tag="text-to-image", tags=["brushwork", "text-to-image", *tags],
+                             datasets=[card_name(facts["data"])], base_model=base_model and card_name(base_model))
+    return f"---\n{metadata.to_yaml()}\n---\n\n"
+
+
+def card_name(spec: str) -> str:
+    """A data set or model as named on a card: a shipped name as is, a path by its last part."""
+    return Path(str(spec).rstrip("/")).name or str(spec)
+
+
+def data_line(facts: dict) -> str:
+    """The card's data line: the source, the items trained on, and the problems `train` skipped."""
+    report = facts.get("data_report") or {}
+    where = report.get("layout") and f" ({report['layout']} layout" + (
+        f", split {report['split']!r})" if report.get("split") else ")")
+    line = f"`{facts['data']}`{where or ''}, {facts['n']} items at {facts['resolution']}×{facts['resolution']}"
+    if report.get("skipped"):
+        kinds = ", ".join(f"{kind} {count}" for kind, count in report["reasons"].items())
+        line += f"; {report['skipped']} skipped ({kinds}; training.json lists them)"
+    return line
 
 
 def _command_lines(facts: dict) -> str:
