@@ -14,9 +14,9 @@ from fastapi import Request
 from brushwork.errors import BrushworkError
 from brushwork.generation.base import Text2ImagePipeline
 from brushwork.generation.samplers import resolve_sampler
-from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, QueueFull, ShuttingDown
+from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, LiveFrame, QueueFull, ShuttingDown
 from brushwork.serve.metrics import Metrics
-from brushwork.serve.schemas import MAX_SEED
+from brushwork.serve.schemas import MAX_SEED, LiveRequest
 
 
 class Blocklist:
@@ -64,6 +64,8 @@ class ServeConfig:
     default_guidance: float = 5.0
     shutdown_grace: float = 10.0  # seconds a running batch may take to finish at shutdown
     keep_finished: int = 128  # finished jobs kept for GET /v1/jobs/{id}
+    live_steps: int = 4  # steps of a live frame that names none
+    max_live: int = 16  # open /v1/live connections; more are refused
 
 
 class ApiError(Exception):
@@ -89,7 +91,8 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = JobScheduler(pipe, self.metrics, max_queue=config.max_queue, max_batch=config.max_batch,
                                       timeout=config.timeout, preview_every=config.preview_every,
-                                      watermark=config.watermark, keep_finished=config.keep_finished)
+                                      watermark=config.watermark, keep_finished=config.keep_finished,
+                                      max_live=config.max_live)
 
     @property
     def default_steps(self) -> int:
@@ -101,11 +104,7 @@ class Service:
                     width: int | None = None, height: int | None = None, layout: bool = False,
                     best_of: int = 1) -> JobRequest:
         """A complete job from checked request fields: defaults filled in, the prompt filtered."""
-        blocklist = self.config.blocklist
-        term = blocklist.match(prompt) if blocklist else None
-        if term is not None:
-            raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
-                                "allow", param="prompt", type="prompt_blocked", kind="blocked")
+        self.check_prompt(prompt)
         if layout and not self.pipe.supports_layout:
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
@@ -123,6 +122,27 @@ class Service:
             sampler=resolve_sampler(sampler),
             width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout,
             best_of=best_of)
+
+    def check_prompt(self, prompt: str) -> None:
+        blocklist = self.config.blocklist
+        term = blocklist.match(prompt) if blocklist else None
+        if term is not None:
+            raise ApiError(400, f"prompt rejected: it contains '{term}', which this server's blocklist does not "
+                                "allow", param="prompt", type="prompt_blocked", kind="blocked")
+
+    def live_frame(self, message: LiveRequest, received: float) -> LiveFrame:
+        """A live message checked and filled in. Fewer steps than a diffusion model's default are rendered, with
+        a warning that says the model was not made for them."""
+        self.check_prompt(message.prompt)
+        if message.model is not None and message.model != self.pipe.name:
+            raise ApiError(400, f"this server runs the model '{self.pipe.name}'; it cannot render with "
+                                f"'{message.model}'", param="model", kind="validation")
+        steps = self.pipe.resolve_steps(message.steps, self.config.live_steps)
+        warning = None
+        if steps < self.default_steps:
+            warning = (f"{self.pipe.name} is not a few-step model: at {steps} steps its images are rougher than at "
+                       f"its {self.default_steps}")
+        return LiveFrame(message.prompt, message.seed, steps, self.config.default_guidance, received, warning)
 
     def submit(self, request: JobRequest, api: str) -> Job:
         try:
@@ -148,21 +168,28 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+def key_from_header(authorization: str) -> str:
+    """The key in `Authorization: Bearer KEY`, or HTTP Basic with the key as password (as AUTOMATIC1111 clients
+    send it); "" when there is none."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2].strip()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_matches(given: str, key: str) -> bool:
+    return secrets.compare_digest(given.encode(), key.encode())
+
+
 def require_api_key(request: Request) -> None:
-    """Checks `Authorization: Bearer KEY` (or HTTP Basic with the key as password, as AUTOMATIC1111 clients
-    send) when the server has a key."""
+    """Checks the Authorization header when the server has a key."""
     key = service(request).config.api_key
     if key is None:
         return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            value = ""
-    elif scheme.lower() != "bearer":
-        value = ""
-    if not secrets.compare_digest(value.strip().encode(), key.encode()):
+    if not key_matches(key_from_header(request.headers.get("authorization", "")), key):
         raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                        type="authentication_error", kind="auth", headers={"WWW-Authenticate": "Bearer"})
 
