@@ -1,6 +1,7 @@
 """The web page in a real browser (Debian's Chromium driven by Playwright): type a prompt, generate, see the
 images with their parameters, cancel a running job; nothing is fetched from outside the server."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -86,4 +87,29 @@ def test_layout_guidance_from_the_page(browser, page_url):
     figure = page.locator("#gallery figure")
     sync_api.expect(figure).to_have_count(1, timeout=30_000)
     assert "Layout: on" in figure.locator(".parameters").inner_text()
+    page.close()
+
+
+def test_live_mode_follows_the_prompt(browser, page_url):
+    if not any(importlib.util.find_spec(name) for name in ("websockets", "wsproto")):
+        pytest.skip("uvicorn serves WebSockets only with websockets or wsproto installed (pip install websockets)")
+    page = browser.new_page()
+    page.goto(page_url)
+    sync_api.expect(page.locator("#model")).to_contain_text("model tiny")
+    page.fill("#seed", "5")
+    page.check("#live")
+    sync_api.expect(page.locator("#live-panel")).to_be_visible()
+    assert page.input_value("#steps") == "4"  # the server's live steps
+    page.locator("#prompt").press_sequentially("a red circle", delay=20)
+    image = page.locator("#live-image")
+    sync_api.expect(image).to_have_attribute("data-prompt", "a red circle", timeout=30_000)
+    sync_api.expect(page.locator("#live-ms")).to_contain_text("ms from keystroke to screen")
+    frames = page.evaluate("window.liveFrames")
+    assert frames[-1]["prompt"] == "a red circle" and frames[-1]["ms"] > 0 and frames[-1]["total"] >= frames[-1]["ms"]
+    assert len(frames) <= len("a red circle") + 1
+    first = image.get_attribute("src")
+    page.click("#dice")  # a new seed, the same prompt: a new frame
+    sync_api.expect(image).not_to_have_attribute("src", first, timeout=30_000)
+    page.uncheck("#live")
+    sync_api.expect(page.locator("#live-panel")).to_be_hidden()
     page.close()

@@ -1,5 +1,6 @@
 """`brushwork serve` and `brushwork watermark check`."""
 
+import importlib.util
 import ipaddress
 import socket
 from pathlib import Path
@@ -104,6 +105,9 @@ def serve(
         typer.echo(f"Warning: serving on {host} without an API key (--insecure): anyone who can reach it can use it",
                    err=True)
     service = app.state.service
+    if not any(importlib.util.find_spec(name) for name in ("websockets", "wsproto")):
+        typer.echo("Warning: no WebSocket library is installed, so live mode (/v1/live) cannot connect: "
+                   "pip install websockets", err=True)
     typer.echo(f"Serving {pipe.name} ({pipe.default_size}x{pipe.default_size}, {pipe.device}) at http://{host}:{port}/ "
                f"- sides up to {service.max_side} px, {service.max_cost:,} pixel-steps a request "
                f"- watermark {'on' if config.watermark else 'off'}, API key {'required' if api_key else 'not required'}",

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brushwork import __version__
 from brushwork.generation.base import Text2ImagePipeline
-from brushwork.serve import routes_a1111, routes_native, routes_openai, routes_ops
+from brushwork.serve import routes_a1111, routes_live, routes_native, routes_openai, routes_ops
 from brushwork.serve.common import ApiError, ServeConfig, Service, require_api_key
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -146,6 +146,7 @@ def create_app(pipe: Text2ImagePipeline, config: ServeConfig | None = None) -> F
     app.include_router(routes_native.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
     app.include_router(routes_a1111.router, dependencies=protected)
+    app.include_router(routes_live.router)  # checks the key itself: a browser's WebSocket cannot send the header
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -14,9 +14,9 @@ from fastapi import Request
 from brushwork.errors import BrushworkError
 from brushwork.generation.base import Text2ImagePipeline
 from brushwork.generation.samplers import resolve_sampler
-from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, QueueFull, ShuttingDown
+from brushwork.serve.jobs import FINAL, Job, JobRequest, JobScheduler, LiveFrame, QueueFull, ShuttingDown
 from brushwork.serve.metrics import Metrics
-from brushwork.serve.schemas import MAX_SEED, MAX_SIDE
+from brushwork.serve.schemas import MAX_SEED, MAX_SIDE, LiveRequest
 
 # The default cost limit, in image-steps at the model's own size: 8 images of 150 steps.
 DEFAULT_COST_IMAGE_STEPS = 1200
@@ -86,6 +86,8 @@ class ServeConfig:
     # loopback server. None: any.
     allowed_hosts: tuple[str, ...] | None = None
     public_url: str | None = None  # base of the URLs in responses; None: the one the request came to
+    live_steps: int = 4  # steps of a live frame that names none
+    max_live: int = 16  # open /v1/live connections; more are refused
 
 
 class ApiError(Exception):
@@ -114,7 +116,8 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = JobScheduler(pipe, self.metrics, max_queue=config.max_queue, max_batch=config.max_batch,
                                       timeout=config.timeout, preview_every=config.preview_every,
-                                      watermark=config.watermark, keep_finished=config.keep_finished)
+                                      watermark=config.watermark, keep_finished=config.keep_finished,
+                                      max_live=config.max_live)
         native = pipe.default_size
         self.max_side = config.max_side or min(2 * native, MAX_SIDE)
         self.max_cost = config.max_cost or native * native * DEFAULT_COST_IMAGE_STEPS
@@ -135,12 +138,8 @@ class Service:
                     best_of: int = 1, size_param: str | None = None) -> JobRequest:
         """A complete job from checked request fields: defaults filled in, the prompt filtered, the size and cost
         within this server's limits. size_param: the request field that set width and height, when not those."""
-        blocklist = self.config.blocklist
-        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            term = blocklist.match(text) if blocklist else None
-            if term is not None:
-                raise ApiError(400, f"{field} rejected: it contains '{term}', which this server's blocklist does "
-                                    "not allow", param=field, type="prompt_blocked", kind="blocked")
+        self.check_prompt(prompt)
+        self.check_prompt(negative_prompt, "negative_prompt")
         if layout and not self.pipe.supports_layout:
             raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
                            param="layout", type="invalid_request_error", kind="validation")
@@ -179,6 +178,27 @@ class Service:
                                 "steps, images or pixels", kind="too_costly", code="cost_limit",
                            extra={"limit": self.max_cost, "cost": cost})
 
+    def check_prompt(self, text: str, field: str = "prompt") -> None:
+        blocklist = self.config.blocklist
+        term = blocklist.match(text) if blocklist else None
+        if term is not None:
+            raise ApiError(400, f"{field} rejected: it contains '{term}', which this server's blocklist does not "
+                                "allow", param=field, type="prompt_blocked", kind="blocked")
+
+    def live_frame(self, message: LiveRequest, received: float) -> LiveFrame:
+        """A live message checked and filled in. Fewer steps than a diffusion model's default are rendered, with
+        a warning that says the model was not made for them."""
+        self.check_prompt(message.prompt)
+        if message.model is not None and message.model != self.pipe.name:
+            raise ApiError(400, f"this server runs the model '{self.pipe.name}'; it cannot render with "
+                                f"'{message.model}'", param="model", kind="validation")
+        steps = self.pipe.resolve_steps(message.steps, self.config.live_steps)
+        warning = None
+        if steps < self.default_steps:
+            warning = (f"{self.pipe.name} is not a few-step model: at {steps} steps its images are rougher than at "
+                       f"its {self.default_steps}")
+        return LiveFrame(message.prompt, message.seed, steps, self.config.default_guidance, received, warning)
+
     def submit(self, request: JobRequest, api: str) -> Job:
         try:
             return self.scheduler.submit(request, api)
@@ -203,21 +223,28 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+def key_from_header(authorization: str) -> str:
+    """The key in `Authorization: Bearer KEY`, or HTTP Basic with the key as password (as AUTOMATIC1111 clients
+    send it); "" when there is none."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2].strip()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_matches(given: str, key: str) -> bool:
+    return secrets.compare_digest(given.encode(), key.encode())
+
+
 def require_api_key(request: Request) -> None:
-    """Checks `Authorization: Bearer KEY` (or HTTP Basic with the key as password, as AUTOMATIC1111 clients
-    send) when the server has a key."""
+    """Checks the Authorization header when the server has a key."""
     key = service(request).config.api_key
     if key is None:
         return
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            value = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            value = ""
-    elif scheme.lower() != "bearer":
-        value = ""
-    if not secrets.compare_digest(value.strip().encode(), key.encode()):
+    if not key_matches(key_from_header(request.headers.get("authorization", "")), key):
         raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                        type="authentication_error", kind="auth", headers={"WWW-Authenticate": "Bearer"})
 

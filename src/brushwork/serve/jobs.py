@@ -1,5 +1,7 @@
 """The job queue: a bounded FIFO, one worker thread that samples compatible jobs together in one pipeline
-call (one UNet batch), previews, cancellation, timeouts and a clean shutdown.
+call (one UNet batch), previews, cancellation, timeouts and a clean shutdown. The same thread renders the
+frames of live connections (/v1/live): each holds at most one waiting frame (the latest wins), and turns are
+fair: every live connection with a frame renders one, then one batch of queued jobs runs.
 
 Threads: the pipeline runs only in the worker thread; HTTP handlers run in the event loop. Job state
 changes under the scheduler's lock; event-loop code waits for changes with `await job.wait_change(...)`.
@@ -75,6 +77,36 @@ class JobImage:
     png: bytes  # PNG with the A1111 `parameters` chunk (and the watermark unless turned off)
     seed: int
     parameters: str
+
+
+@dataclass(frozen=True)
+class LiveFrame:
+    """What one live message asks for, checked and filled in."""
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    received: float  # time.monotonic() when the message arrived
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    frame: LiveFrame
+    png: bytes | None = None
+    error: str | None = None
+
+
+class LiveSession:
+    """One live connection: the frame waiting to render and the callback that takes finished ones (called in the
+    worker thread)."""
+
+    def __init__(self, deliver: Callable[[LiveResult], None]):
+        self.deliver = deliver
+        self.pending: LiveFrame | None = None
+        self.closed = False
+        self.rendered = 0
+        self.dropped = 0  # frames replaced by a later message before they started
 
 
 class Job:
@@ -175,7 +207,8 @@ def stop_inside_modules(should_stop: Callable[[], bool]):
 
 class JobScheduler:
     def __init__(self, pipe: Text2ImagePipeline, metrics: Metrics, max_queue: int = 32, max_batch: int = 8,
-                 timeout: float = 300.0, preview_every: int = 5, watermark: bool = True, keep_finished: int = 128):
+                 timeout: float = 300.0, preview_every: int = 5, watermark: bool = True, keep_finished: int = 128,
+                 max_live: int = 16):
         self.pipe = pipe
         self.metrics = metrics
         self.max_queue = max_queue
@@ -196,6 +229,11 @@ class JobScheduler:
         self._stop_deadline = math.inf
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._thread: threading.Thread | None = None
+        self.max_live = max_live
+        self._live: set[LiveSession] = set()
+        self._live_ready: deque[LiveSession] = deque()  # connections with a frame, in arrival order
+        self._live_round: deque[LiveSession] = deque()  # the ones whose turn it is now
+        self._batch_turn = False  # a round of live frames ran: queued jobs go next
         metrics.queue_depth.set_function(lambda: len(self._queue))
         metrics.running_jobs.set_function(lambda: len(self._running))
 
@@ -256,6 +294,46 @@ class JobScheduler:
         jobs = [job for job in self.running() if job.api == api]
         return sum(self.cancel(job, "interrupted") for job in jobs)
 
+    def open_live(self, deliver: Callable[[LiveResult], None]) -> LiveSession:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._live) >= self.max_live:
+                raise QueueFull(1)
+            session = LiveSession(deliver)
+            self._live.add(session)
+            return session
+
+    def offer(self, session: LiveSession, frame: LiveFrame) -> None:
+        """Make `frame` the session's next frame; a frame still waiting is dropped, never rendered."""
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if session.closed:
+                return
+            if session.pending is not None:
+                session.dropped += 1
+                self.metrics.live_frames.labels("dropped").inc()
+            session.pending = frame
+            if session not in self._live_ready and session not in self._live_round:
+                self._live_ready.append(session)
+            self._cond.notify_all()
+
+    def close_live(self, session: LiveSession) -> None:
+        """Free what a closed connection held: its waiting frame now, its rendering frame at the next step."""
+        with self._cond:
+            session.closed = True
+            if session.pending is not None:
+                session.pending = None
+                self.metrics.live_frames.labels("dropped").inc()
+            self._live.discard(session)
+            for turns in (self._live_ready, self._live_round):
+                if session in turns:
+                    turns.remove(session)
+
+    def live_count(self) -> int:
+        return len(self._live)
+
     def begin_shutdown(self, grace: float) -> None:
         """Take no new jobs, cancel the queued ones, give the running batch `grace` seconds to finish."""
         with self._cond:
@@ -266,6 +344,10 @@ class JobScheduler:
             for job in list(self._queue):
                 self._queue.remove(job)
                 self._finish(job, CANCELLED, "the server is shutting down", status=503)
+            for session in list(self._live):
+                session.pending = None
+            self._live_ready.clear()
+            self._live_round.clear()
             self._cond.notify_all()
 
     def shutdown(self, grace: float) -> None:
@@ -311,23 +393,43 @@ class JobScheduler:
             self._queue.remove(job)
         return batch
 
+    def _next_live(self) -> tuple[LiveSession, LiveFrame] | None:
+        """The live frame whose turn it is, or None when queued jobs go next. Call with the lock held."""
+        if not self._live_round and self._live_ready and not (self._queue and self._batch_turn):
+            self._live_round, self._live_ready = self._live_ready, deque()
+            self._batch_turn = True
+        while self._live_round:
+            session = self._live_round.popleft()
+            if session.pending is not None:
+                frame, session.pending = session.pending, None
+                return session, frame
+        return None
+
     def _work(self) -> None:
         while True:
             with self._cond:
                 while True:
                     self._expire_queued()
-                    if self._queue:
+                    if self._queue or self._live_ready or self._live_round:
                         break
                     if self._stopping:
                         return
                     self._cond.wait(timeout=0.5)
-                batch = self._take_batch()
-                now = time.time()
-                for job in batch:
-                    job.state, job.started = RUNNING, now
-                    self.metrics.queue_wait.observe(time.monotonic() - job.submitted)
-                    job.notify()
-                self._running = batch
+                live = self._next_live()
+                if live is None:
+                    if not self._queue:
+                        continue
+                    self._batch_turn = False
+                    batch = self._take_batch()
+                    now = time.time()
+                    for job in batch:
+                        job.state, job.started = RUNNING, now
+                        self.metrics.queue_wait.observe(time.monotonic() - job.submitted)
+                        job.notify()
+                    self._running = batch
+            if live is not None:
+                self._render_live(*live)
+                continue
             started = time.monotonic()
             try:
                 with stop_inside_modules(lambda: self._should_stop(batch)):
@@ -392,6 +494,28 @@ class JobScheduler:
                     job.step = first.total_steps
                     self.metrics.images.inc(len(job.images))
                     self._finish(job, SUCCEEDED)
+
+    def _render_live(self, session: LiveSession, frame: LiveFrame) -> None:
+        def on_step(pipe, index: int, timestep, tensors: dict) -> dict:
+            return {"cancel": True} if session.closed or time.monotonic() > self._stop_deadline else {}
+
+        try:
+            output = self.pipe([frame.prompt], num_inference_steps=frame.steps, guidance_scale=frame.guidance,
+                               seed=frame.seed, callback_on_step_end=on_step)
+            result = LiveResult(frame, png=self._encode(output.images[0],
+                                                        pnginfo.format_parameters(**output.parameters(0))))
+            outcome = "rendered"
+        except GenerationCancelled:
+            result, outcome = None, "cancelled"
+        except BrushworkError as error:
+            result, outcome = LiveResult(frame, error=str(error)), "failed"
+        except Exception as error:  # keep serving; the connection hears what went wrong
+            log.exception("live frame failed")
+            result, outcome = LiveResult(frame, error=f"internal error: {type(error).__name__}: {error}"), "failed"
+        self.metrics.live_frames.labels(outcome).inc()
+        if result is not None and not session.closed:
+            session.rendered += result.png is not None
+            session.deliver(result)
 
     def _encode(self, image: PIL.Image.Image, parameters: str) -> bytes:
         return png_bytes(watermark.embed(image) if self.watermark else image, parameters)

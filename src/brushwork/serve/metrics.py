@@ -23,5 +23,9 @@ class Metrics:
         self.errors = Counter("brushwork_errors", "Rejected requests and failed jobs by kind", ["kind"],
                               registry=self.registry)
 
+        self.live_frames = Counter("brushwork_live_frames", "Live frames by outcome: rendered, dropped (a later "
+                                   "message replaced it), cancelled (its connection closed), failed", ["outcome"],
+                                   registry=self.registry)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

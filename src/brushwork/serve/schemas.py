@@ -137,3 +137,15 @@ class A1111Txt2ImgRequest(BaseModel):
 
     def sampler(self) -> str | None:
         return self.sampler_name or self.sampler_index
+
+
+class LiveRequest(BaseModel):
+    """One message on the /v1/live WebSocket: render this prompt with this seed (the server's one model; `model`,
+    when given, must name it). Steps default to the server's live steps; a GAN takes one whatever is asked."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Prompt
+    seed: Seed
+    model: str | None = None
+    steps: Steps | None = None

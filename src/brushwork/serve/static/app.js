@@ -1,11 +1,12 @@
 // The brushwork web page: submit jobs to /v1/generate, follow their server-sent events (read with fetch so
-// the API key header can be sent), show previews, collect results in the gallery.
+// the API key header can be sent), show previews, collect results in the gallery; live mode over /v1/live.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const form = $("form");
 const message = $("message");
 let apiKey = localStorage.getItem("brushwork-api-key") || "";
+let info = null;
 
 function headers(extra = {}) {
   return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
@@ -34,7 +35,7 @@ function say(text, isError = false) {
 
 async function loadInfo() {
   try {
-    const info = await (await api("/v1/info")).json();
+    info = await (await api("/v1/info")).json();
     $("model").textContent = `model ${info.model} · ${info.default_size}×${info.default_size}` +
       (info.watermark ? " · watermarked" : "");
     $("steps").value = info.defaults.steps;
@@ -167,14 +168,111 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
+// Live mode: every edit of the prompt goes to /v1/live after a short debounce; the server renders the latest
+// message and drops the ones a newer one replaced, so the page just shows whatever frame comes back.
+const LIVE_DEBOUNCE_MS = 15;
+let live = null; // { socket, keyAt: Map("prompt\0seed" -> time of the edit) }
+let liveTimer = 0;
+let lastEdit = 0;
+window.liveFrames = []; // { prompt, ms (server), total (edit to image on screen) }, for benchmarks
+
+function randomSeed() {
+  return crypto.getRandomValues(new Uint32Array(1))[0];
+}
+
+function liveProtocols() {
+  // A browser WebSocket cannot send an Authorization header: the key travels as a subprotocol.
+  if (!apiKey) return ["brushwork"];
+  const bytes = new TextEncoder().encode(apiKey);
+  const encoded = btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return ["brushwork", `bearer.${encoded}`];
+}
+
+function startLive() {
+  if ($("seed").value.trim() === "") $("seed").value = randomSeed();
+  if (info) $("steps").value = info.defaults.live_steps;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/v1/live`, liveProtocols());
+  live = { socket, keyAt: new Map() };
+  socket.addEventListener("open", () => sendLive());
+  socket.addEventListener("message", (event) => showLiveFrame(JSON.parse(event.data)));
+  socket.addEventListener("close", (event) => {
+    if (!live || live.socket !== socket) return;
+    live = null;
+    $("live").checked = false;
+    if (event.code !== 1000 && !message.classList.contains("error")) say(`live mode closed (${event.code})`, true);
+  });
+  $("live-panel").hidden = false;
+}
+
+function stopLive() {
+  if (live) {
+    const socket = live.socket;
+    live = null;
+    socket.close(1000);
+  }
+  if (info) $("steps").value = info.defaults.steps;
+  $("live-panel").hidden = true;
+}
+
+function liveEdited() {
+  if (!live) return;
+  lastEdit = performance.now();
+  clearTimeout(liveTimer);
+  liveTimer = setTimeout(sendLive, LIVE_DEBOUNCE_MS);
+}
+
+function sendLive() {
+  if (!live || live.socket.readyState !== WebSocket.OPEN) return;
+  const body = { prompt: $("prompt").value, seed: parseInt($("seed").value, 10) || 0 };
+  const steps = parseInt($("steps").value, 10);
+  if (steps > 0) body.steps = steps;
+  live.keyAt.set(`${body.prompt}\0${body.seed}`, lastEdit || performance.now());
+  live.socket.send(JSON.stringify(body));
+}
+
+function showLiveFrame(frame) {
+  if (frame.error) {
+    if (frame.error.type === "authentication_error") $("key-row").hidden = false;
+    say(frame.error.message, true);
+    return;
+  }
+  if (!live) return;
+  const key = `${frame.prompt}\0${frame.seed}`;
+  const editedAt = live.keyAt.get(key);
+  for (const sent of live.keyAt.keys()) { // forget this edit and the ones before it
+    live.keyAt.delete(sent);
+    if (sent === key) break;
+  }
+  const image = $("live-image");
+  image.src = `data:image/png;base64,${frame.image}`;
+  image.dataset.prompt = frame.prompt;
+  image.decode().then(() => {
+    const total = editedAt === undefined ? NaN : performance.now() - editedAt;
+    window.liveFrames.push({ prompt: frame.prompt, ms: frame.ms, total });
+    $("live-ms").textContent = `${frame.ms.toFixed(0)} ms to render` +
+      (Number.isNaN(total) ? "" : ` · ${total.toFixed(0)} ms from keystroke to screen`);
+  }).catch(() => {});
+  say(frame.warning || "");
+}
+
+$("live").addEventListener("change", () => ($("live").checked ? startLive() : stopLive()));
+for (const id of ["prompt", "seed", "steps"]) $(id).addEventListener("input", liveEdited);
+
 $("dice").addEventListener("click", () => {
-  $("seed").value = crypto.getRandomValues(new Uint32Array(1))[0];
+  $("seed").value = randomSeed();
+  liveEdited();
 });
 
 $("api-key").addEventListener("change", () => {
   apiKey = $("api-key").value.trim();
   localStorage.setItem("brushwork-api-key", apiKey);
   loadInfo();
+  if (live) {
+    stopLive();
+    $("live").checked = true;
+    startLive();
+  }
 });
 
 loadInfo();
