@@ -13,7 +13,7 @@ from brushwork.cli import app
 from brushwork.errors import BrushworkError
 from brushwork.models.clip import load_clip
 from brushwork.models.gan import build_generator, load_generator, save_generator
-from brushwork.pipeline import SHIPPED_MODELS_DIR, BrushworkPipeline, load_model
+from brushwork.pipeline import SHIPPED_MODELS_DIR, BrushworkPipeline
 from sd_tiny import add_tiny_clip, build_tiny_sd
 
 
@@ -40,7 +40,7 @@ def broken_copy(model_dir, tmp_path, part: str, weights: str, old_suffix: str, n
 
 
 def test_the_tiny_model_loads_whole(model_dir):
-    load_model(model_dir)
+    BrushworkPipeline.from_pretrained(model_dir)
     load_clip(model_dir / "clip")
 
 
@@ -77,7 +77,7 @@ def test_many_keys_are_counted_and_a_few_shown(model_dir, tmp_path):
     save_file({"old." + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     count = len(load_file(weights))
     with pytest.raises(BrushworkError, match=rf"{count} missing \([^)]*and {count - 3} more\)"):
-        load_model(folder)
+        BrushworkPipeline.from_pretrained(folder)
 
 
 def test_clip_vision_tower_with_a_renamed_key(model_dir, tmp_path):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
+from diffusers.utils import make_image_grid
 from accelerate import PartialState
 from PIL import Image
 from rich.progress import Progress
@@ -27,6 +28,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.captions import contradictions_by_kind
 from brushwork.errors import BrushworkError
+from brushwork.generation.output import from_model_range, to_pil
 from brushwork.train.loop import BaseStage
 
 NUM_VALIDATION = 8
@@ -46,17 +48,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
+    return to_pil(from_model_range(images.detach()))
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+    """Images in rows of `columns` (every caller gives whole rows)."""
+    return make_image_grid(images, rows=len(images) // columns, cols=columns)
 
 
 def _validation_items(data: Dataset) -> list[dict]:
