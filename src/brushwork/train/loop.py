@@ -746,7 +746,8 @@ class _Trainer:
         minutes, stop_at = self.config.max_minutes, self.config.stop_at
         if not minutes and stop_at is None:
             return False
-        up = bool(minutes and time.perf_counter() - run_start >= minutes * 60) or bool(stop_at and time.time() >= stop_at)
+        up = (bool(minutes) and time.perf_counter() - run_start >= minutes * 60) or (
+            stop_at is not None and time.time() >= stop_at)
         if self.accelerator.num_processes == 1:
             return up
         return bool(broadcast(torch.tensor([up], device=self.accelerator.device), from_process=0).item())
