@@ -1,10 +1,15 @@
-"""The `brushwork` command. Each concern owns a module under brushwork.commands; this file only wires them."""
+"""The `brushwork` command. Each concern owns a module under brushwork.commands; this file only wires them.
+
+Nothing here imports torch, diffusers or transformers: each command imports them when it runs, so that
+`brushwork --help` answers at once (a test holds this).
+"""
 
 import warnings
 
 import typer
 from typer.core import TyperGroup
 
+from brushwork import __version__
 from brushwork.commands import data, eval, generate, serve, train
 from brushwork.errors import BrushworkError
 
@@ -35,6 +40,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"brushwork {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print brushwork's version and exit.")) -> None:
+    """Train, generate, serve and evaluate text-to-image models."""
+
+
 app.add_typer(data.app, name="data")
 app.add_typer(train.app, name="train")
 app.command("generate")(generate.generate)

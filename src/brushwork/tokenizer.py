@@ -5,15 +5,20 @@ lowercase, CLIP's word split, byte-level alphabet, `</w>` end-of-word suffix), s
 loads with `CLIPTokenizer.from_pretrained(folder)` and works in diffusers pipelines.
 """
 
+from __future__ import annotations
+
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
-from transformers import CLIPTokenizer
 
 from brushwork.errors import BrushworkError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -26,6 +31,8 @@ def _byte_alphabet() -> list[str]:
 
 
 def _train_merges(captions: Iterable[str], max_merges: int) -> list[tuple[str, str]]:
+    from transformers import CLIPTokenizer  # here, not at the top: the CLI's train options import this module
+
     # Borrow CLIPTokenizer's own normalizer and word split so training sees words exactly as loading will.
     clip_pipeline = CLIPTokenizer().backend_tokenizer
     backend = Tokenizer(BPE(continuing_subword_prefix="", end_of_word_suffix=END_OF_WORD))
@@ -57,6 +64,8 @@ def train_tokenizer(
     merge, then the start and end tokens. `vocab_size` is an upper bound: a small caption set (shapes)
     runs out of pairs to merge well before it, which gives a smaller vocabulary.
     """
+    from transformers import CLIPTokenizer
+
     alphabet = _byte_alphabet()
     base_size = 2 * len(alphabet) + 2
     if vocab_size < base_size:

@@ -7,10 +7,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from brushwork.data import io
-from brushwork.data.dataset import open_source
-from brushwork.data.emoji import ATTRIBUTION
-from brushwork.data.folder import DataOptions
 from brushwork.errors import BrushworkError
 
 app = typer.Typer(help="Write, inspect and preview image-caption data sets.", no_args_is_help=True)
@@ -59,6 +55,8 @@ def shapes(
     """Render N shapes images with captions (and each scene as data) into a folder."""
     if n < 1:
         raise BrushworkError(f"--n must be at least 1, got {n}")
+    from brushwork.data import io  # torch: only when the command runs
+
     count = io.write_shapes(out, n, seed=seed, size=size, task_weights=parse_task_weights(tasks),
                             overwrite=overwrite, format=format)
     console.print(f"wrote {count} shapes images to {out}")
@@ -77,6 +75,9 @@ def emoji(
         raise BrushworkError(f"--size must be at least 8 px, got {size}")
     if limit is not None and limit < 1:
         raise BrushworkError(f"--limit must be at least 1, got {limit}")
+    from brushwork.data import io
+    from brushwork.data.emoji import ATTRIBUTION
+
     build = io.write_emoji(out, size=size, limit=limit, overwrite=overwrite, format=format)
     skipped = ", ".join(f"{reason}: {count}" for reason, count in build.skipped_by_reason().most_common())
     console.print(f"built {len(build.items)} emoji into {out}; skipped {len(build.skipped)}"
@@ -84,7 +85,7 @@ def emoji(
     console.print(ATTRIBUTION, highlight=False)
 
 
-def _stats_row(table: Table, name: str, stats: io.Stats) -> None:
+def _stats_row(table: Table, name: str, stats) -> None:
     table.add_row(name, f"{stats.min:g}", f"{stats.mean:.1f}", f"{stats.max:g}")
 
 
@@ -97,6 +98,9 @@ def inspect(
     caption_column: CaptionColumn = None,
 ) -> None:
     """Counts, caption lengths, image sizes and every problem found (per file, with its reason)."""
+    from brushwork.data import io
+    from brushwork.data.folder import DataOptions
+
     found = io.inspect_dataset(path, DataOptions(split, image_column, caption_column))
     report = found.report
     console.print(f"data set: {found.path} ({found.source.describe()})", soft_wrap=True, highlight=False)
@@ -126,6 +130,10 @@ def preview(
     caption_column: CaptionColumn = None,
 ) -> None:
     """Write a PNG grid of samples with their captions under each image."""
+    from brushwork.data import io
+    from brushwork.data.dataset import open_source
+    from brushwork.data.folder import DataOptions
+
     source = open_source(path, n=max(n, 1000) if path == "shapes" else None,
                          options=DataOptions(split, image_column, caption_column))
     written = io.write_preview(source, out, n=n, seed=seed)

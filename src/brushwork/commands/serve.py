@@ -43,23 +43,23 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def serve(
-    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji) [default: shapes].")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji).", show_default="shapes")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
     api_key: Annotated[Optional[str], typer.Option(envvar="BRUSHWORK_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without an API key.")] = False,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in images.")] = False,
     blocklist: Annotated[Optional[Path], typer.Option(help="File of words or phrases (one a line) that prompts may not contain.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps [default: best available].")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps.", show_default="best available")] = None,
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     max_queue: Annotated[int, typer.Option(help="Jobs that may wait; more are answered 429.")] = 32,
     max_batch: Annotated[int, typer.Option(help="Images sampled together in one batch.")] = 8,
     timeout: Annotated[float, typer.Option(help="Seconds a job may take from submission, queue included.")] = 300.0,
-    max_size: Annotated[Optional[int], typer.Option(help="Largest width or height a request may ask for [default: twice the model's size].")] = None,
-    max_cost: Annotated[Optional[int], typer.Option(help="Work a request may ask for, in pixel-steps: width x height x steps x images x best_of [default: 1200 image-steps at the model's size].")] = None,
+    max_size: Annotated[Optional[int], typer.Option(help="Largest width or height a request may ask for.", show_default="twice the model's size")] = None,
+    max_cost: Annotated[Optional[int], typer.Option(help="Work a request may ask for, in pixel-steps: width x height x steps x images x best_of.", show_default="1200 image-steps at the model's size")] = None,
     max_body: Annotated[int, typer.Option(help="Bytes a request body may hold; more are answered 413.")] = 1_000_000,
     allowed_host: Annotated[Optional[list[str]], typer.Option(help="A Host name a loopback server answers to besides localhost, 127.0.0.1 and [::1] (repeatable); other names get 400.")] = None,
-    public_url: Annotated[Optional[str], typer.Option(help="Base of the image URLs the OpenAI API returns [default: http://HOST:PORT on loopback, else the address the request came to].")] = None,
+    public_url: Annotated[Optional[str], typer.Option(help="Base of the image URLs the OpenAI API returns.", show_default="http://HOST:PORT on loopback, else the address the request came to")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .ckpt/.pt pickle model files (weights only).")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model for batch sizes 1, 2, 4, ... up to --max-batch before serving (2-3 minutes a size the first time, then loaded from the cache in a second): about 2.5-3x faster sampling on a CPU with bf16.")] = False,
 ) -> None:

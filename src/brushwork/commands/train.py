@@ -11,9 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from brushwork.train.gan import GanTrainConfig, train_gan
-from brushwork.train.options import option_fields, read_config_file
-from brushwork.train.recipe import STAGES, RecipeConfig, train as train_recipe
+from brushwork.train.options import STAGES, GanTrainConfig, RecipeConfig, option_fields, read_config_file
 
 app = typer.Typer(
     help="Train a text-to-image model on an image-caption data set: the whole recipe, or one stage "
@@ -68,6 +66,8 @@ def _command_line(ctx: typer.Context, config) -> str:
 
 
 def _train_recipe(ctx: typer.Context, stages: tuple[str, ...], config_file: Path | None) -> None:
+    from brushwork.train.recipe import train as train_recipe  # torch and diffusers: only when training
+
     folder = train_recipe(_config(ctx, RecipeConfig, config_file), stages)
     console.print(f"trained {', '.join(stages)} into {folder}")
 
@@ -250,5 +250,7 @@ def gan(
         typer.echo("Warning: `train gan --hard-negatives` is now --mismatch-share (D's share of near-miss captions); "
                    "the old name will go.", err=True)
         renamed["mismatch_share"] = hard_negatives
+    from brushwork.train.gan import train_gan
+
     folder = train_gan(_config(ctx, GanTrainConfig, config_file, **renamed))
     console.print(f"trained a GAN into {folder}")

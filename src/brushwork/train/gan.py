@@ -27,7 +27,7 @@ import datetime
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,11 +49,10 @@ from brushwork.models.gan import (Discriminator, Generator, build_discriminator,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option, runs_folder, settings
+from brushwork.train.options import LOSSES, GanTrainConfig, runs_folder, settings
 from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
 from brushwork.train.stages import image_grid
 
-LOSSES = ("hinge", "nonsaturating")
 NUM_SAMPLES = 8
 MAX_CACHED_CAPTIONS = 8192
 
@@ -370,46 +369,6 @@ class GanStage(BaseStage):
 
 
 # ---- entry point --------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class GanTrainConfig(SharedConfig):
-    """The options of `brushwork train gan`."""
-
-    text_model: Path | None = option(None, "--model", "-m", help="Model folder (or shipped name such as 'shapes') "
-                                     "whose text_encoder/ and tokenizer/ condition the GAN.")
-    size: str = option("small", "--size", help="GAN size: tiny (tests) or small (64×64, CPU, about an hour).")
-    steps: int | None = option(None, "--steps", help="Optimizer steps, each one D step and one G step (default: "
-                               "the size's).")
-    lr: float = option(2e-4, "--lr", help="Learning rate of G (and of D, unless --lr-d).")
-    lr_d: float | None = option(None, "--lr-d", help="D's learning rate (default: the same as --lr); DF-GAN trains "
-                                "D 4x faster than G.")
-    loss: str = option("hinge", "--loss", help=f"Adversarial loss: {', '.join(LOSSES)}.")
-    r1_gamma: float = option(1.0, "--r1-gamma", help="Weight of the R1 gradient penalty on real images; 0 turns "
-                             "it off.")
-    r1_every: int = option(4, "--r1-every", help="Compute R1 on 1 in this many D steps (lazy), weighted up to "
-                           "match.")
-    clip_weight: float = option(0.0, "--clip-weight", help="Weight of a CLIP image-text similarity term in G's "
-                                "loss (GALIP); uses MODEL's clip/. 0 turns it off.")
-    clip_contrast: float = option(0.0, "--clip-contrast", help="Weight of a contrastive CLIP term in G's loss: "
-                                  "each image must be nearer its own caption than every other caption of the data "
-                                  "set (InfoNCE); uses MODEL's clip/. 0 turns it off.")
-    mismatch_share: float = option(0.0, "--mismatch-share", help="Share (0-1) of D's mismatched captions that are "
-                                   "near misses, one word changed (\"a blue circle\" for a blue square), instead of "
-                                   "another image's caption, so that D checks shape as well as colour. Shapes "
-                                   "captions only. 0: none.")
-    near_miss_weight: float = option(0.0, "--near-miss-weight", help="Weight of a ranking term in G's loss: D must "
-                                     "rate G's image higher with its own caption than with a near miss (one word "
-                                     "changed). Shapes captions only. 0: none.")
-    collapse_threshold: float = option(0.05, "--collapse-threshold", help="Stop when G's sample diversity (1.0 = "
-                                       "as varied as real images) stays below this; 0 turns the watch off.")
-    collapse_patience: int = option(5, "--collapse-patience", help="Consecutive log intervals below the "
-                                    "threshold before stopping.")
-    collapse_after: int = option(500, "--collapse-after", help="Steps before the collapse watch starts.")
-    init: Path | None = option(None, "--init", help="Start G (its EMA weights) and D from this GAN run: a GAN "
-                               "folder, its run folder (OUT.runs/gan) or one checkpoint folder (fine-tuning with new "
-                               "settings; --resume continues a run unchanged).")
-    log_every: int = 10
 
 
 # Deleted GAN terms (the README's measurements: none of them helped); a run that used one cannot resume.

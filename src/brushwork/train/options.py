@@ -14,6 +14,10 @@ import typing
 from pathlib import Path
 
 from brushwork.errors import BrushworkError
+from brushwork.tokenizer import DEFAULT_VOCAB_SIZE
+
+LOSSES = ("hinge", "nonsaturating")  # the GAN's adversarial losses
+STAGES = ("clip", "vae", "unet")  # the recipe's stages, in order
 
 
 def option(default, *flags: str, help: str):
@@ -57,6 +61,80 @@ class SharedConfig:
     report_to: str = option("none", "--report-to", help="Also log losses, lr and sample grids to tensorboard, "
                             "wandb (offline unless WANDB_MODE says), all or none; log.jsonl is always written.")
     command: str = ""  # the command line that trains with these settings, for the model card
+
+
+@dataclasses.dataclass(kw_only=True)
+class RecipeConfig(SharedConfig):
+    """The options of `brushwork train` and `train clip|vae|unet` (each subcommand takes those of its stage)."""
+
+    size: str = option("small", "--size", help="Model size: tiny (tests), compact (small with fewer layers), "
+                       "small (CPU, hours), base (GPU).")
+    steps_clip: int | None = option(None, "--steps-clip", help="CLIP steps (default: the size's).")
+    steps_vae: int | None = option(None, "--steps-vae", help="VAE steps (default: the size's).")
+    steps_unet: int | None = option(None, "--steps-unet", help="UNet steps (default: the size's).")
+    resolution: int | None = option(None, "--resolution", help="Image side in pixels (default: the size's, 64).")
+    lr: float | None = option(None, "--lr", help="Peak learning rate (default 5e-4; lower suits --init).")
+    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "--vocab-size",
+                             help="Upper bound of the tokenizer's vocabulary.")
+    hard_negatives: float | None = option(
+        None, "--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, "
+        "one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text "
+        "encoder keeps relations, shapes and counts apart. Shapes captions only. Default: 1 where the captions "
+        "allow near misses, else 0.")
+    prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
+    beta_schedule: str = option("scaled_linear", "--noise-schedule",
+                                help="linear, scaled_linear or squaredcos_cap_v2.")
+    zero_terminal_snr: bool = option(
+        False, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train up to pure noise (needs --prediction "
+        "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
+    snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
+    caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
+    init_unet: str | None = option(
+        None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
+        "'shapes') instead of random ones: fine-tuning.")
+    kl_weight: float = 1e-6        # the VAE's KL term
+    reconstruction: str = "l1"     # the VAE's reconstruction loss
+
+
+
+@dataclasses.dataclass(kw_only=True)
+class GanTrainConfig(SharedConfig):
+    """The options of `brushwork train gan`."""
+
+    text_model: Path | None = option(None, "--model", "-m", help="Model folder (or shipped name such as 'shapes') "
+                                     "whose text_encoder/ and tokenizer/ condition the GAN.")
+    size: str = option("small", "--size", help="GAN size: tiny (tests) or small (64×64, CPU, about an hour).")
+    steps: int | None = option(None, "--steps", help="Optimizer steps, each one D step and one G step (default: "
+                               "the size's).")
+    lr: float = option(2e-4, "--lr", help="Learning rate of G (and of D, unless --lr-d).")
+    lr_d: float | None = option(None, "--lr-d", help="D's learning rate (default: the same as --lr); DF-GAN trains "
+                                "D 4x faster than G.")
+    loss: str = option("hinge", "--loss", help=f"Adversarial loss: {', '.join(LOSSES)}.")
+    r1_gamma: float = option(1.0, "--r1-gamma", help="Weight of the R1 gradient penalty on real images; 0 turns "
+                             "it off.")
+    r1_every: int = option(4, "--r1-every", help="Compute R1 on 1 in this many D steps (lazy), weighted up to "
+                           "match.")
+    clip_weight: float = option(0.0, "--clip-weight", help="Weight of a CLIP image-text similarity term in G's "
+                                "loss (GALIP); uses MODEL's clip/. 0 turns it off.")
+    clip_contrast: float = option(0.0, "--clip-contrast", help="Weight of a contrastive CLIP term in G's loss: "
+                                  "each image must be nearer its own caption than every other caption of the data "
+                                  "set (InfoNCE); uses MODEL's clip/. 0 turns it off.")
+    mismatch_share: float = option(0.0, "--mismatch-share", help="Share (0-1) of D's mismatched captions that are "
+                                   "near misses, one word changed (\"a blue circle\" for a blue square), instead of "
+                                   "another image's caption, so that D checks shape as well as colour. Shapes "
+                                   "captions only. 0: none.")
+    near_miss_weight: float = option(0.0, "--near-miss-weight", help="Weight of a ranking term in G's loss: D must "
+                                     "rate G's image higher with its own caption than with a near miss (one word "
+                                     "changed). Shapes captions only. 0: none.")
+    collapse_threshold: float = option(0.05, "--collapse-threshold", help="Stop when G's sample diversity (1.0 = "
+                                       "as varied as real images) stays below this; 0 turns the watch off.")
+    collapse_patience: int = option(5, "--collapse-patience", help="Consecutive log intervals below the "
+                                    "threshold before stopping.")
+    collapse_after: int = option(500, "--collapse-after", help="Steps before the collapse watch starts.")
+    init: Path | None = option(None, "--init", help="Start G (its EMA weights) and D from this GAN run: a GAN "
+                               "folder, its run folder (OUT.runs/gan) or one checkpoint folder (fine-tuning with new "
+                               "settings; --resume continues a run unchanged).")
+    log_every: int = 10
 
 
 def runs_folder(out: Path) -> Path:

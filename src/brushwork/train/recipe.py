@@ -35,13 +35,12 @@ from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
 from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
-from brushwork.tokenizer import DEFAULT_VOCAB_SIZE, train_tokenizer
+from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, check_report_to, check_writable, list_checkpoints, run
-from brushwork.train.options import SharedConfig, option, runs_folder
+from brushwork.train.options import STAGES, RecipeConfig, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
 
-STAGES = ("clip", "vae", "unet")
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
 RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n", "size", "resolution", "batch_size",
                           "seed"), "clip": ("vocab_size", "hard_negatives"),
@@ -55,39 +54,6 @@ BUDGET_SHARES = {"clip": 0.15, "vae": 0.20, "unet": 0.65}
 MIN_STAGE_MINUTES = 1.0
 LR = {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4}            # peak learning rates; --lr replaces them
 WEIGHT_DECAY = {"clip": 0.1, "vae": 0.0, "unet": 0.01}
-
-
-@dataclass(kw_only=True)
-class RecipeConfig(SharedConfig):
-    """The options of `brushwork train` and `train clip|vae|unet` (each subcommand takes those of its stage)."""
-
-    size: str = option("small", "--size", help="Model size: tiny (tests), compact (small with fewer layers), "
-                       "small (CPU, hours), base (GPU).")
-    steps_clip: int | None = option(None, "--steps-clip", help="CLIP steps (default: the size's).")
-    steps_vae: int | None = option(None, "--steps-vae", help="VAE steps (default: the size's).")
-    steps_unet: int | None = option(None, "--steps-unet", help="UNet steps (default: the size's).")
-    resolution: int | None = option(None, "--resolution", help="Image side in pixels (default: the size's, 64).")
-    lr: float | None = option(None, "--lr", help="Peak learning rate (default 5e-4; lower suits --init).")
-    vocab_size: int = option(DEFAULT_VOCAB_SIZE, "--vocab-size",
-                             help="Upper bound of the tokenizer's vocabulary.")
-    hard_negatives: float | None = option(
-        None, "--hard-negatives", help="Share (0-1) of CLIP's images that also meet near misses of their caption, "
-        "one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text "
-        "encoder keeps relations, shapes and counts apart. Shapes captions only. Default: 1 where the captions "
-        "allow near misses, else 0.")
-    prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
-    beta_schedule: str = option("scaled_linear", "--noise-schedule",
-                                help="linear, scaled_linear or squaredcos_cap_v2.")
-    zero_terminal_snr: bool = option(
-        False, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train up to pure noise (needs --prediction "
-        "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
-    snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
-    caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
-    init_unet: str | None = option(
-        None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
-        "'shapes') instead of random ones: fine-tuning.")
-    kl_weight: float = 1e-6        # the VAE's KL term
-    reconstruction: str = "l1"     # the VAE's reconstruction loss
 
 
 @dataclass
