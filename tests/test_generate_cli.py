@@ -5,7 +5,7 @@ from sd_tiny import build_tiny_sd
 from typer.testing import CliRunner
 
 from brushwork.cli import app
-from brushwork.pnginfo import read_parameters
+from brushwork.pnginfo import read_parameters, read_parameters_text, save_png
 
 runner = CliRunner()
 
@@ -102,6 +102,7 @@ def test_folder_output_prompts_file_and_random_seed(model_dir, tmp_path):
     (["generate", "x", "-n", "0"], "-n must be"),
     (["generate", "x", "--height", "30"], "multiple of 4"),
     (["generate", "x", "--sampler", "plms"], "unknown sampler"),
+    (["generate", "x", "--seed", "-2"], "--seed must be -1 (random) or at least 0"),
     (["generate", "x", "--precision", "fp8"], "unknown precision"),
     (["generate", "x", "-o", "out.jpg"], "PNG"),
     (["generate"], "give a prompt"),
@@ -125,14 +126,14 @@ def test_missing_model_is_a_clean_error(tmp_path):
 
 
 def test_a_gan_image_records_one_step_and_regenerates_without_warnings(tmp_path):
-    # The shipped GAN: Steps 1 in the PNG, no sampler or CFG scale it did not use, and no warning about
-    # steps unless --steps is given.
+    # The shipped GAN: Steps 1 in the PNG, Sampler GAN (parsers of A1111's text skip a PNG without a sampler), no
+    # CFG scale it did not use, and no warning about steps unless --steps is given.
     out = tmp_path / "gan.png"
     result = CliRunner().invoke(app, ["generate", "a blue square", "--model", "shapes-gan", "--seed", "3", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "no effect" not in result.output
     params = read_parameters(out)
-    assert params["steps"] == 1 and "sampler" not in params and "cfg_scale" not in params and params["seed"] == 3
+    assert params["steps"] == 1 and params["sampler"] == "GAN" and "cfg_scale" not in params and params["seed"] == 3
     again = tmp_path / "again.png"
     result = CliRunner().invoke(app, ["generate", "--from", str(out), "-o", str(again)])
     assert result.exit_code == 0 and "no effect" not in result.output, result.output
@@ -159,3 +160,25 @@ def test_layout_with_a_gan_is_a_clean_error(tmp_path):
                                  "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "layout guidance needs a diffusion model" in result.output
     assert "Traceback" not in result.output
+
+
+def test_seed_minus_one_is_random_and_the_png_records_the_seed_used(model_dir, tmp_path):
+    first, second, again = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "again.png"
+    for out in (first, second):
+        assert run("generate", "a red circle", "--seed", "-1", "-o", str(out), model=model_dir).exit_code == 0
+    seeds = [read_parameters(out)["seed"] for out in (first, second)]
+    assert all(0 <= seed < 2**32 for seed in seeds) and seeds[0] != seeds[1]
+    result = runner.invoke(app, ["generate", "--from", str(first), "--model", str(model_dir), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def test_from_says_that_a_schedule_type_is_ignored(model_dir, tmp_path):
+    made, karras, again = tmp_path / "made.png", tmp_path / "karras.png", tmp_path / "again.png"
+    assert run("generate", "a red circle", "--seed", "2", "-o", str(made), model=model_dir).exit_code == 0
+    save_png(PIL.Image.open(made), karras, read_parameters_text(made) + ", Schedule type: Karras")
+    result = runner.invoke(app, ["generate", "--from", str(karras), "--model", str(model_dir), "-o", str(again)])
+    assert result.exit_code == 0, result.output
+    assert "Schedule type Karras, which brushwork ignores" in result.output
+    plain = runner.invoke(app, ["generate", "--from", str(made), "--model", str(model_dir), "-o", str(tmp_path / "p.png")])
+    assert "Schedule type" not in plain.output

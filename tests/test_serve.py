@@ -1,5 +1,6 @@
 """brushwork serve through FastAPI's TestClient: native API, batching, cancellation, limits, auth, errors."""
 
+import base64
 import io
 import json
 import math
@@ -323,7 +324,7 @@ BAD_REQUESTS = [
     ("/v1/generate", {"prompt": HUNDRED_KB}, "prompt"),
     ("/v1/generate", {"prompt": "red\x07circle"}, "prompt"),
     ("/v1/generate", {"prompt": "a", "negative_prompt": "\x1b[31m"}, "negative_prompt"),
-    ("/v1/generate", {"prompt": "a", "seed": -1}, "seed"),
+    ("/v1/generate", {"prompt": "a", "seed": -2}, "seed"),
     ("/v1/generate", {"prompt": "a", "sampler": "nope"}, "sampler"),
     ("/v1/generate", {"prompt": "a", "stepz": 4}, "stepz"),
     ("/v1/generate", [1, 2], "body"),
@@ -337,6 +338,11 @@ BAD_REQUESTS = [
     ("/sdapi/v1/txt2img", '{"prompt": "a", "cfg_scale": NaN}', "cfg_scale"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "steps": 10_000}, "steps"),
     ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "Karras 9000"}, "sampler_name"),
+    ("/sdapi/v1/txt2img", {"prompt": "a", "scheduler": "Karras"}, "scheduler"),
+    ("/sdapi/v1/png-info", {"image": "not base64!"}, "image"),
+    ("/sdapi/v1/png-info", {"image": "aGVsbG8="}, "image"),  # "hello": base64, not an image
+    ("/sdapi/v1/options", {"sd_model_checkpoint": "sd_xl_base_1.0.safetensors"}, "sd_model_checkpoint"),
+    ("/v1/images/generations", {"prompt": "a", "model": "midjourney"}, "model"),
 ]
 
 
@@ -473,6 +479,43 @@ def test_openai_and_a1111_answer_in_their_shapes(pipe):
         assert models[0]["model_name"] == "tiny" and models[0]["hash"] in models[0]["title"]
         assert models[0]["filename"] == "tiny"  # not the server's file path
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_a1111_options_png_info_and_schedulers(pipe):
+    with client_for(pipe) as client:
+        title = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+        for name in (title, "tiny"):
+            assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}).status_code == 200
+        assert client.post("/sdapi/v1/options", json={"samples_save": False}).status_code == 200
+        refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes"})
+        assert refused.status_code == 400 and "sd_model_checkpoint 'shapes'" in refused.json()["error"]["message"]
+        assert client.get("/sdapi/v1/schedulers").json()[0]["name"] == "automatic"
+
+        body = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "seed": 8, "steps": 2, "width": 32,
+                                                      "height": 32, "scheduler": "Automatic"}).json()
+        for image in (body["images"][0], "data:image/png;base64," + body["images"][0]):
+            info = client.post("/sdapi/v1/png-info", json={"image": image}).json()
+            assert info["info"] == json.loads(body["info"])["infotexts"][0]
+            assert info["parameters"]["Prompt"] == "a" and info["parameters"]["Seed"] == 8
+            assert (info["parameters"]["Size-1"], info["parameters"]["Steps"]) == (32, 2)
+        plain = io.BytesIO()
+        PIL.Image.new("RGB", (8, 8)).save(plain, format="PNG")
+        empty = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(plain.getvalue()).decode()})
+        assert empty.json() == {"info": "", "items": {}, "parameters": {}}
+
+
+def test_seed_minus_one_is_random_and_openai_model_names_are_checked(pipe):
+    with client_for(pipe) as client:
+        job = client.post("/v1/generate", json={"prompt": "a", "seed": -1}).json()
+        assert 0 <= job["request"]["seed"] < 2**32
+        for model in ("tiny", "dall-e-3", None):
+            body = {"prompt": "a", "seed": -1, "size": "32x32", "response_format": "b64_json", "model": model}
+            data = client.post("/v1/images/generations", json=body).json()["data"]
+            png = PIL.Image.open(io.BytesIO(base64.b64decode(data[0]["b64_json"])))
+            assert 0 <= parse_parameters(png.info["parameters"])["seed"] < 2**32
+        refused = client.post("/v1/images/generations", json={"prompt": "a", "model": "gpt-4o"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "model_not_found"
+        assert "runs the model 'tiny'" in refused.json()["error"]["message"]
 
 
 def test_serve_command_refuses_bad_setups_before_loading(tmp_path):

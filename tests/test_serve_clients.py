@@ -87,7 +87,10 @@ def test_a1111_progress_and_interrupt(pipe):
             assert PIL.Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (32, 32)
             assert api.interrupt() == {}
             result = pending.result(timeout=30)
-        assert result.images == [] and result.info["interrupted"] is True
+        # as AUTOMATIC1111 does: the images as far as they got, with their parameters
+        assert [image.size for image in result.images] == [(32, 32)] and result.info["interrupted"] is True
+        assert parse_parameters(result.info["infotexts"][0])["steps"] == 100
+        assert "parameters" in result.images[0].info
 
 
 def test_client_disconnect_frees_its_place(pipe):

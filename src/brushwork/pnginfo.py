@@ -8,6 +8,7 @@ The prompt may span lines; the negative prompt line is optional; the last line h
 pairs, with values that contain commas, colons or newlines written as JSON strings.
 """
 
+import io
 import json
 import re
 from pathlib import Path
@@ -104,6 +105,14 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return result
 
 
+def labelled_parameters(text: str) -> dict[str, Any]:
+    """The parameters as AUTOMATIC1111's API parses them (png-info): keyed by its labels ("Prompt", "Steps",
+    "CFG scale", ...), the size as "Size-1" (width) and "Size-2" (height)."""
+    labels = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "width": "Size-1", "height": "Size-2",
+              **dict(_LABELS)}
+    return {labels.get(key, _label(key)): value for key, value in parse_parameters(text).items()}
+
+
 def save_png(image: PIL.Image.Image, path: str | Path, params: dict[str, Any] | str) -> Path:
     """Write image as PNG with its parameters (a dict for format_parameters, or ready text)."""
     text = params if isinstance(params, str) else format_parameters(**params)
@@ -114,20 +123,25 @@ def save_png(image: PIL.Image.Image, path: str | Path, params: dict[str, Any] | 
     return path
 
 
+def parameters_in_image(data: bytes, name: str = "the image") -> str:
+    """The raw `parameters` text of an image file's bytes; "" when it has none."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return str(image.info.get(CHUNK) or getattr(image, "text", {}).get(CHUNK) or "")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BrushworkError(f"{name} is not a readable image: {error}") from None
+
+
 def read_parameters_text(path: str | Path) -> str:
     """The raw `parameters` text of an image."""
     path = Path(path)
     if not path.is_file():
         raise BrushworkError(f"image not found: {path}")
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            text = image.info.get(CHUNK) or getattr(image, "text", {}).get(CHUNK)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BrushworkError(f"{path} is not a readable image: {error}") from None
+    text = parameters_in_image(path.read_bytes(), str(path))
     if not text:
         raise BrushworkError(f"{path} has no generation parameters (no '{CHUNK}' text chunk)")
-    return str(text)
+    return text
 
 
 def read_parameters(path: str | Path) -> dict[str, Any]:

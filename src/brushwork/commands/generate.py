@@ -74,7 +74,7 @@ def _read_prompts(path: Path) -> list[str]:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
     num_images: Annotated[Optional[int], typer.Option("-n", "--num-images", help="Images per prompt.", show_default="1")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image (image k uses seed + k); random if not given.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image (image k uses seed + k); -1 or none: random (the PNG records the seed used).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps.", show_default="20")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 turns it off.", show_default="5")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun (or AUTOMATIC1111 names).", show_default="dpm++")] = None,
@@ -100,15 +100,23 @@ def generate(
     from brushwork.generation.auto import BrushworkPipeline
     from brushwork.generation.output import GenerationCancelled
     from brushwork.generation.registry import shipped_models
-    from brushwork.generation.samplers import resolve_sampler
+    from brushwork.generation.samplers import GAN_SAMPLER, resolve_sampler
     from brushwork.pnginfo import read_parameters, save_png
     from brushwork.watermark import embed
 
+    console = Console(stderr=True)
     stored: dict = {}
     if from_image is not None:
         stored = read_parameters(from_image)
         if model is None and stored.get("model") in shipped_models():  # the shipped model that made it
             model = Path(stored["model"])
+        if stored.get("sampler") == GAN_SAMPLER:  # a GAN's PNG: its model takes no sampler
+            del stored["sampler"]
+        schedule = stored.get("schedule_type", "Automatic")
+        if schedule.lower() != "automatic":
+            console.print(f"Warning: {from_image} was sampled with Schedule type {schedule}, which brushwork "
+                          "ignores: it samples on the model's own noise schedule (Automatic), so the image will "
+                          "differ.")
     sources = [prompt is not None, prompts_file is not None, from_image is not None]
     if sum(sources) == 0:
         raise BrushworkError("give a prompt, --prompts FILE, or --from IMAGE.png")
@@ -131,7 +139,9 @@ def generate(
     negative = pick(negative, "negative_prompt", "")
     height, width = pick(height, "height", None), pick(width, "width", None)
     seed = pick(seed, "seed", None)
-    seed = random.randrange(2**32) if seed is None else seed
+    if seed is not None and seed < -1:
+        raise BrushworkError(f"--seed must be -1 (random) or at least 0, got {seed}")
+    seed = random.randrange(2**32) if seed in (None, -1) else seed
     layout = layout or stored.get("layout") == "on"
     if num_images <= 0:
         raise BrushworkError(f"-n must be at least 1, got {num_images}")
@@ -140,7 +150,6 @@ def generate(
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
     pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                              compile=compile)
-    console = Console(stderr=True)
     if stored.get("model_hash") and stored["model_hash"] != pipe.model_hash:
         console.print(f"Warning: {from_image} was made with model {stored.get('model', '?')} "
                       f"(hash {stored['model_hash']}); this is {pipe.name} (hash {pipe.model_hash}), "

@@ -8,7 +8,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from brushwork import __version__
-from brushwork.generation.samplers import A1111_SAMPLER_NAMES
+from brushwork.generation.samplers import A1111_SAMPLER_NAMES, GAN_SAMPLER
 
 
 class GenerationCancelled(Exception):
@@ -42,7 +42,7 @@ class GenerationOutput:
     seeds: list[int | None]  # one per image; None where a caller-made torch.Generator was used
     num_inference_steps: int
     guidance_scale: float | None  # None: the model takes no guidance (a one-step GAN)
-    sampler: str | None  # None: the model has no sampler (a one-step GAN)
+    sampler: str | None  # None: the model has no sampler (a one-step GAN; its PNGs say GAN_SAMPLER)
     height: int
     width: int
     model_name: str
@@ -55,7 +55,7 @@ class GenerationOutput:
             "prompt": self.prompts[index],
             "negative_prompt": self.negative_prompts[index],
             "steps": self.num_inference_steps,
-            "sampler": A1111_SAMPLER_NAMES[self.sampler] if self.sampler else None,
+            "sampler": A1111_SAMPLER_NAMES[self.sampler] if self.sampler else GAN_SAMPLER,
             "cfg_scale": self.guidance_scale,
             "seed": self.seeds[index],
             "width": self.width,

@@ -153,7 +153,7 @@ class Service:
             prompt=prompt, negative_prompt=negative_prompt,
             steps=self.pipe.resolve_steps(steps, self.config.default_steps),
             guidance=guidance if guidance is not None else self.config.default_guidance,
-            seed=seed if seed is not None else secrets.randbelow(MAX_SEED + 1), n=n,
+            seed=secrets.randbelow(MAX_SEED + 1) if seed in (None, -1) else seed, n=n,
             sampler=resolve_sampler(sampler),
             width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout,
             best_of=best_of)
@@ -178,6 +178,12 @@ class Service:
                                 "steps, images or pixels", kind="too_costly", code="cost_limit",
                            extra={"limit": self.max_cost, "cost": cost})
 
+    def check_model(self, model: str | None, aliases: tuple[str, ...] = ()) -> None:
+        """400 unless `model` is None, this server's model or one of `aliases` (names taken to mean it)."""
+        if model is not None and model != self.pipe.name and model not in aliases:
+            raise ApiError(400, f"this server runs the model '{self.pipe.name}'; it cannot render with '{model}'",
+                           param="model", kind="validation", code="model_not_found")
+
     def check_prompt(self, text: str, field: str = "prompt") -> None:
         blocklist = self.config.blocklist
         term = blocklist.match(text) if blocklist else None
@@ -189,9 +195,7 @@ class Service:
         """A live message checked and filled in. Fewer steps than a diffusion model's default are rendered, with
         a warning that says the model was not made for them."""
         self.check_prompt(message.prompt)
-        if message.model is not None and message.model != self.pipe.name:
-            raise ApiError(400, f"this server runs the model '{self.pipe.name}'; it cannot render with "
-                                f"'{message.model}'", param="model", kind="validation")
+        self.check_model(message.model)
         steps = self.pipe.resolve_steps(message.steps, self.config.live_steps)
         warning = None
         if steps < self.default_steps:

@@ -26,7 +26,7 @@ import torch
 from brushwork import pnginfo, watermark
 from brushwork.errors import BrushworkError
 from brushwork.generation.base import Text2ImagePipeline
-from brushwork.generation.output import GenerationCancelled
+from brushwork.generation.output import GenerationCancelled, GenerationOutput
 from brushwork.serve.metrics import Metrics
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -126,6 +126,7 @@ class Job:
         self.images: list[JobImage] = []
         self.preview: bytes | None = None
         self.preview_step = 0
+        self.latents: torch.Tensor | None = None  # its images' latents after the last step (while it runs)
         self.version = 0  # bumped on every change
         self._listeners: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._listeners_lock = threading.Lock()
@@ -290,9 +291,18 @@ class JobScheduler:
             return True
 
     def interrupt(self, api: str) -> int:
-        """Cancel the running jobs submitted through `api` (AUTOMATIC1111's /interrupt); how many."""
-        jobs = [job for job in self.running() if job.api == api]
-        return sum(self.cancel(job, "interrupted") for job in jobs)
+        """Cancel the running jobs submitted through `api` (AUTOMATIC1111's /interrupt); how many. As in
+        AUTOMATIC1111, each keeps the images its latents decode to at the step it reached. Decoding happens in the
+        calling thread, while the batch runs on: call it off the event loop."""
+        stopped = 0
+        for job in [job for job in self.running() if job.api == api and job.state == RUNNING]:
+            partial = self._partial_images(job)
+            with self._cond:
+                if job.state == RUNNING:
+                    job.images = partial
+                    self._finish(job, CANCELLED, "interrupted", status=409)
+                    stopped += 1
+        return stopped
 
     def open_live(self, deliver: Callable[[LiveResult], None]) -> LiveSession:
         with self._cond:
@@ -363,7 +373,7 @@ class JobScheduler:
                 kind: str | None = None) -> None:
         """Move a job to a final state. Call with the lock held."""
         job.state, job.error, job.error_status, job.finished = state, error, status, time.time()
-        job.preview = None
+        job.preview = job.latents = None
         self.metrics.jobs.labels(state).inc()
         self.metrics.job_latency.labels(job.api, state).observe(time.monotonic() - job.submitted)
         if kind:
@@ -535,6 +545,8 @@ class JobScheduler:
                 for job, preview in zip(live, previews):
                     if job.state != RUNNING:
                         continue
+                    first = first_image[job.id]
+                    job.latents = tensors["latents"][first:first + job.request.n].detach().clone()
                     job.step = step
                     if preview is not None:
                         job.preview, job.preview_step = preview, step
@@ -542,6 +554,18 @@ class JobScheduler:
             return {}
 
         return on_step
+
+    def _partial_images(self, job: Job) -> list[JobImage]:
+        """The job's images as its latents stand now (none before its first step, or from a one-step GAN)."""
+        latents, r = job.latents, job.request
+        if latents is None:
+            return []
+        output = GenerationOutput(self.pipe.preview_images(latents), [r.prompt] * r.n, [r.negative_prompt] * r.n,
+                                  [r.seed + k for k in range(r.n)], r.steps, r.guidance, r.sampler, r.height, r.width,
+                                  self.pipe.name, self.pipe.model_hash)
+        texts = [pnginfo.format_parameters(**output.parameters(k)) for k in range(r.n)]
+        return [JobImage(self._encode(image, text), seed, text)
+                for image, seed, text in zip(output.images, output.seeds, texts)]
 
     def _previews(self, latents: torch.Tensor, indices: list[int]) -> list[bytes]:
         """PNGs of the images the latents would decode to now (the first image of each job)."""

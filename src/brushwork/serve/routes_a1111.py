@@ -1,16 +1,19 @@
-"""AUTOMATIC1111-compatible API (/sdapi/v1): txt2img, progress, interrupt, and the model, sampler, option and
-script listings its clients read when they connect."""
+"""AUTOMATIC1111-compatible API (/sdapi/v1): txt2img, progress, interrupt, png-info, and the model, sampler,
+scheduler, option and script listings its clients read when they connect."""
 
+import asyncio
 import json
 import time
 
 from fastapi import APIRouter, Depends, Request
 
 from brushwork import __version__
+from brushwork.errors import BrushworkError
 from brushwork.generation.samplers import A1111_SAMPLER_NAMES, SAMPLERS
+from brushwork.pnginfo import labelled_parameters, parameters_in_image
 from brushwork.serve.common import ApiError, Service, b64_png, service
 from brushwork.serve.jobs import CANCELLED, RUNNING, SUCCEEDED, Job
-from brushwork.serve.schemas import A1111Txt2ImgRequest
+from brushwork.serve.schemas import SCHEDULE_TYPES, A1111PngInfoRequest, A1111Txt2ImgRequest
 
 router = APIRouter(prefix="/sdapi/v1")
 API = "a1111"
@@ -44,10 +47,10 @@ def _info(svc: Service, job: Job, body: A1111Txt2ImgRequest) -> dict:
 
 @router.post("/txt2img")
 async def txt2img(body: A1111Txt2ImgRequest, request: Request, svc: Service = Depends(service)) -> dict:
-    """Like AUTOMATIC1111, an interrupted job answers 200 with the images it finished (here: none)."""
+    """Like AUTOMATIC1111, an interrupted job answers 200 with its images as far as they got."""
     job = svc.submit(svc.job_request(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
-        seed=None if body.seed == -1 else body.seed, n=body.batch_size * body.n_iter, sampler=body.sampler(),
+        seed=body.seed, n=body.batch_size * body.n_iter, sampler=body.sampler(),
         width=body.width, height=body.height), api=API)
     await svc.wait(job, request)
     interrupted = job.state == CANCELLED and job.error_status == 409
@@ -87,8 +90,9 @@ async def progress(skip_current_image: bool = False, svc: Service = Depends(serv
 
 @router.post("/interrupt")
 async def interrupt(svc: Service = Depends(service)) -> dict:
-    """Stops the running jobs that came through this API; native and OpenAI jobs are left alone."""
-    svc.scheduler.interrupt(API)
+    """Stops the running jobs that came through this API, each with the images it reached; native and OpenAI
+    jobs are left alone."""
+    await asyncio.to_thread(svc.scheduler.interrupt, API)
     return {}
 
 
@@ -106,6 +110,36 @@ async def samplers() -> list[dict]:
 @router.get("/options")
 def options(svc: Service = Depends(service)) -> dict:
     return {"sd_model_checkpoint": _model_title(svc), "sd_checkpoint_hash": None}
+
+
+@router.post("/options")
+def set_options(body: dict, svc: Service = Depends(service)) -> None:
+    """Clients switch models by setting sd_model_checkpoint. A server runs the one model it loaded: naming it
+    (title, name or hash, as /sd-models lists it) is accepted, another model is 400; other options are ignored."""
+    wanted = body.get("sd_model_checkpoint")
+    if wanted is not None and wanted not in (_model_title(svc), svc.pipe.name, svc.pipe.model_hash):
+        raise ApiError(400, f"sd_model_checkpoint {wanted!r}: this server runs one model, {_model_title(svc)}, "
+                            "and cannot switch: start another `brushwork serve --model NAME` for that one",
+                       param="sd_model_checkpoint",
+                       code="model_not_found")
+    return None
+
+
+@router.post("/png-info")
+def png_info(body: A1111PngInfoRequest) -> dict:
+    """The generation parameters stored in a PNG: the text, and parsed under AUTOMATIC1111's labels."""
+    try:
+        text = parameters_in_image(body.png_bytes())
+    except BrushworkError as error:
+        raise ApiError(400, str(error), param="image") from None
+    return {"info": text, "items": {}, "parameters": labelled_parameters(text) if text else {}}
+
+
+@router.get("/schedulers")
+async def schedulers() -> list[dict]:
+    """brushwork samples on the model's own noise schedule: AUTOMATIC1111's "Automatic"."""
+    return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for name, label in SCHEDULE_TYPES.items()]
 
 
 @router.get("/scripts")

@@ -10,6 +10,9 @@ from brushwork.serve.schemas import OpenAIImageRequest
 
 router = APIRouter()
 
+# OpenAI's image models: clients that send one by default get this server's model.
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")
+
 
 @router.get("/v1/models")
 async def models(svc: Service = Depends(service)) -> dict:
@@ -19,6 +22,7 @@ async def models(svc: Service = Depends(service)) -> dict:
 
 @router.post("/v1/images/generations")
 async def images_generations(body: OpenAIImageRequest, request: Request, svc: Service = Depends(service)) -> dict:
+    svc.check_model(body.model, OPENAI_IMAGE_MODELS)
     width, height = body.width_height()
     job = svc.submit(svc.job_request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                      guidance=body.guidance, seed=body.seed, n=body.n, sampler=body.sampler,

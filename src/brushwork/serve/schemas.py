@@ -5,6 +5,8 @@ queue. The native API is strict (exact JSON types, unknown fields rejected); the
 bodies ignore fields brushwork has no use for, as their clients send many.
 """
 
+import base64
+import binascii
 import re
 import unicodedata
 from typing import Annotated, Literal
@@ -22,6 +24,8 @@ MAX_GUIDANCE = 50.0
 MAX_SEED = 2**32 - 1
 MAX_BEST_OF = 8  # candidates per image: a request samples n x best_of images
 SIDE_MULTIPLE = 8
+# AUTOMATIC1111's schedule types (its `scheduler` field, "Schedule type" in PNGs) that brushwork samples with.
+SCHEDULE_TYPES = {"automatic": "Automatic"}
 _ALLOWED_CONTROL = "\n\r\t"
 
 
@@ -41,17 +45,25 @@ def _check_sampler(name: str | None) -> str | None:
         raise ValueError(str(error)) from None
 
 
+def _check_schedule_type(name: str | None) -> str | None:
+    if name is not None and name.lower() not in SCHEDULE_TYPES:
+        raise ValueError(f"brushwork samples on the model's own noise schedule ('Automatic'); it has no {name!r} "
+                         "schedule")
+    return name
+
+
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS), AfterValidator(_check_text)]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+RandomOrSeed = Annotated[int, Field(ge=-1, le=MAX_SEED)]  # -1 (as in AUTOMATIC1111) or none: a random seed
 ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES)]
 Side = Annotated[int, Field(ge=SIDE_MULTIPLE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 Sampler = Annotated[str | None, AfterValidator(_check_sampler)]
 
 
 class GenerateRequest(BaseModel):
-    """POST /v1/generate. Image k of the job uses seed + k; a missing seed is picked at random."""
+    """POST /v1/generate. Image k of the job uses seed + k; a missing seed or -1 is picked at random."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -59,7 +71,7 @@ class GenerateRequest(BaseModel):
     negative_prompt: Prompt = ""
     steps: Steps | None = None
     guidance: Guidance | None = None
-    seed: Seed | None = None
+    seed: RandomOrSeed | None = None
     n: ImageCount = 1
     sampler: Sampler = None
     width: Side | None = None
@@ -86,7 +98,7 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: Prompt = ""
     steps: Steps | None = None
     guidance: Guidance | None = None
-    seed: Seed | None = None
+    seed: RandomOrSeed | None = None
     sampler: Sampler = None
 
     @field_validator("size")
@@ -119,13 +131,14 @@ class A1111Txt2ImgRequest(BaseModel):
     negative_prompt: Prompt = ""
     steps: Steps = 20
     cfg_scale: Guidance = 7.0
-    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] = -1
+    seed: RandomOrSeed = -1
     batch_size: ImageCount = 1
     n_iter: ImageCount = 1
     width: Side | None = None
     height: Side | None = None
     sampler_name: Sampler = None
     sampler_index: Sampler = None
+    scheduler: Annotated[str | None, AfterValidator(_check_schedule_type)] = None
 
     @field_validator("n_iter")
     @classmethod
@@ -137,6 +150,26 @@ class A1111Txt2ImgRequest(BaseModel):
 
     def sampler(self) -> str | None:
         return self.sampler_name or self.sampler_index
+
+
+class A1111PngInfoRequest(BaseModel):
+    """POST /sdapi/v1/png-info: an image as base64, or as a data: URL."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image: str
+
+    @field_validator("image")
+    @classmethod
+    def _check_base64(cls, image: str) -> str:
+        try:
+            base64.b64decode(image.partition("base64,")[2] or image, validate=True)
+        except binascii.Error:
+            raise ValueError("must be a base64-encoded image (or a data: URL)") from None
+        return image
+
+    def png_bytes(self) -> bytes:
+        return base64.b64decode(self.image.partition("base64,")[2] or self.image)
 
 
 class LiveRequest(BaseModel):
