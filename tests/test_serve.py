@@ -49,10 +49,10 @@ def direct(pipe, seed: int, n: int = 1, prompt: str = "a red circle") -> list[np
     return [np.asarray(image).astype(int) for image in out.images]
 
 
-def wait_done(client: TestClient, job_id: str) -> dict:
+def wait_done(client: TestClient, job_id: str, headers: dict | None = None) -> dict:
     deadline = time.monotonic() + 30
     while True:
-        job = client.get(f"/v1/jobs/{job_id}").json()
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if job["state"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
             return job
         time.sleep(0.02)
@@ -232,12 +232,13 @@ def test_a1111_progress_is_true_while_a_job_runs_and_while_it_stops(pipe):
         job = client.post("/v1/generate", json={"prompt": "a"}).json()
         wait_until(slow.entered.is_set)
         progress = client.get("/sdapi/v1/progress").json()
-        assert progress["state"]["job"] == f"job {job['id']}" and progress["textinfo"] == f"step 0 of {STEPS}"
+        assert progress["state"]["job"] == "generating" and progress["textinfo"] == f"step 0 of {STEPS}"
+        assert job["id"] not in json.dumps(progress)  # an id would open the job (and its prompt) to anyone
         assert progress["state"]["sampling_steps"] == STEPS and not progress["state"]["interrupted"]
         client.delete(f"/v1/jobs/{job['id']}")
         stopping = client.get("/sdapi/v1/progress").json()  # cancelled, but the thread has not stopped yet
         assert stopping["state"]["interrupted"] and stopping["state"]["job_count"] == 1
-        assert stopping["textinfo"] == f"stopping job {job['id']} (cancelled)"
+        assert stopping["textinfo"] == "stopping a cancelled job"
         slow.gate.set()
         wait_until(lambda: client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0)
 
@@ -364,7 +365,7 @@ def test_bad_input_is_answered_4xx_naming_the_field(pipe):
 
 
 def test_api_key(pipe):
-    with client_for(pipe, api_key="s3cret") as client:
+    with client_for(pipe, api_keys=("s3cret",)) as client:
         assert client.get("/v1/info").status_code == 401
         assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/metrics").status_code == 401
@@ -373,6 +374,28 @@ def test_api_key(pipe):
         assert client.get("/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
         assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
         assert client.get("/").status_code == 200  # the page asks for the key itself
+
+
+def test_jobs_belong_to_the_key_that_submitted_them(pipe):
+    gated = GatedPipe(pipe, delay=0.02)
+    gated.gate.clear()
+    alice, bob = ({"Authorization": f"Bearer {key}"} for key in ("alice-key", "bob-key"))
+    with client_for(gated, api_keys=("alice-key", "bob-key")) as client:
+        job = client.post("/v1/generate", json={"prompt": "alice's secret"}, headers=alice).json()
+        assert len(job["id"]) >= 20  # 128 random bits
+        wait_until(gated.entered.is_set)
+        for method, path in (("GET", ""), ("DELETE", ""), ("GET", "/events"), ("GET", "/images/0.png")):
+            response = client.request(method, f"/v1/jobs/{job['id']}{path}", headers=bob)
+            assert response.status_code == 404 and "secret" not in response.text
+        progress = client.get("/sdapi/v1/progress", headers=bob).json()
+        assert progress["state"]["job"] == "generating" and progress["current_image"] is None  # busy, but not his
+        assert job["id"] not in json.dumps(progress)
+        client.post("/sdapi/v1/interrupt", headers=bob)  # stops only his own jobs: none
+        assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["state"] == "running"
+        gated.gate.set()
+        assert client.get(f"/v1/jobs/{job['id']}/events", headers=alice).status_code == 200
+        assert wait_done(client, job["id"], alice)["state"] == "succeeded"
+        assert client.get(f"/v1/jobs/{job['id']}/images/0.png", headers=alice).status_code == 200
 
 
 def test_blocklist_rejects_prompts_with_reason(pipe, tmp_path):
@@ -533,7 +556,7 @@ def test_serve_command_refuses_bad_setups_before_loading(tmp_path):
         with pytest.raises(BrushworkError, match="pick another --port"):
             serve(port=taken.getsockname()[1])
     with pytest.raises(BrushworkError, match="model not found"):
-        serve(host="0.0.0.0", api_key="k", port=0, model=tmp_path / "no-such-model")
+        serve(host="0.0.0.0", api_key=["k"], port=0, model=tmp_path / "no-such-model")
 
     app = typer.Typer()
     app.command("serve")(serve)

@@ -119,7 +119,7 @@ def test_oversized_message_is_refused_unread(pipe):
 def test_api_key_by_header_or_subprotocol(pipe):
     key = "s3cret/key+"
     encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-    with client_for(pipe, api_key=key) as client:
+    with client_for(pipe, api_keys=(key,)) as client:
         for headers, protocols in (({}, []), ({"Authorization": "Bearer wrong"}, []), ({}, ["brushwork", "bearer.eA"])):
             with client.websocket_connect("/v1/live", headers=headers, subprotocols=protocols) as ws:
                 assert ws.receive_json()["error"]["type"] == "authentication_error"

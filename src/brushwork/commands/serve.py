@@ -46,7 +46,7 @@ def serve(
     model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji).", show_default="shapes")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --api-key or --insecure.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
-    api_key: Annotated[Optional[str], typer.Option(envvar="BRUSHWORK_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call.")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option(envvar="BRUSHWORK_API_KEY", help="Require 'Authorization: Bearer KEY' on every API call; repeat it (or separate keys by spaces in the variable) for one key per client: a job belongs to the key that submitted it.")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow a non-loopback address without an API key.")] = False,
     no_watermark: Annotated[bool, typer.Option("--no-watermark", help="Do not put the invisible watermark in images.")] = False,
     blocklist: Annotated[Optional[Path], typer.Option(help="File of words or phrases (one a line) that prompts may not contain.")] = None,
@@ -75,7 +75,8 @@ def serve(
     if not is_loopback(host) and not api_key and not insecure:
         raise BrushworkError(f"--host {host} lets other machines connect; give --api-key KEY (or set "
                              "BRUSHWORK_API_KEY), or --insecure to serve without one")
-    if api_key is not None and not api_key.strip():
+    api_key = [key.strip() for key in api_key or []]
+    if not all(api_key):
         raise BrushworkError("--api-key is empty")
     if precision not in PRECISIONS:
         raise BrushworkError(f"unknown precision '{precision}'; use one of {', '.join(PRECISIONS)}")
@@ -84,7 +85,7 @@ def serve(
                         ("--max-cost", 1 if max_cost is None else max_cost), ("--max-body", max_body)):
         if value <= 0:
             raise BrushworkError(f"{name} must be positive, got {value}")
-    config = ServeConfig(api_key=api_key, watermark=not no_watermark, max_queue=max_queue, max_batch=max_batch,
+    config = ServeConfig(api_keys=tuple(api_key), watermark=not no_watermark, max_queue=max_queue, max_batch=max_batch,
                          timeout=timeout, blocklist=Blocklist.from_file(blocklist) if blocklist else None,
                          max_side=max_size, max_cost=max_cost, max_body=max_body,
                          allowed_hosts=loopback_hosts(host, allowed_host or []) if is_loopback(host) else None,

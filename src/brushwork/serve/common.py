@@ -3,6 +3,7 @@ the prompt blocklist, submitting a job and waiting for it."""
 
 import base64
 import binascii
+import hashlib
 import re
 import secrets
 import unicodedata
@@ -66,7 +67,9 @@ class Blocklist:
 
 @dataclass
 class ServeConfig:
-    api_key: str | None = None
+    # Keys a client may send (Authorization: Bearer KEY); none: no key needed. A job belongs to the key that
+    # submitted it: another key cannot see, follow or cancel it.
+    api_keys: tuple[str, ...] = ()
     watermark: bool = True
     blocklist: Blocklist | None = None
     max_queue: int = 32  # jobs waiting; more get 429
@@ -203,9 +206,9 @@ class Service:
                        f"its {self.default_steps}")
         return LiveFrame(message.prompt, message.seed, steps, self.config.default_guidance, received, warning)
 
-    def submit(self, request: JobRequest, api: str) -> Job:
+    def submit(self, request: JobRequest, api: str, owner: str) -> Job:
         try:
-            return self.scheduler.submit(request, api)
+            return self.scheduler.submit(request, api, owner)
         except QueueFull as error:
             raise ApiError(429, f"the queue is full ({self.config.max_queue} jobs waiting); retry in "
                                 f"{error.retry_after} s", type="rate_limit_error", kind="queue_full",
@@ -243,14 +246,27 @@ def key_matches(given: str, key: str) -> bool:
     return secrets.compare_digest(given.encode(), key.encode())
 
 
+def key_owner(given: str, keys: tuple[str, ...]) -> str | None:
+    """Who sends the key `given`: a digest of the key it matches ("" when the server has no keys), or None when
+    it matches none."""
+    if not keys:
+        return ""
+    match = next((key for key in keys if key_matches(given, key)), None)
+    return None if match is None else hashlib.sha256(match.encode()).hexdigest()[:16]
+
+
 def require_api_key(request: Request) -> None:
-    """Checks the Authorization header when the server has a key."""
-    key = service(request).config.api_key
-    if key is None:
-        return
-    if not key_matches(key_from_header(request.headers.get("authorization", "")), key):
+    """Checks the Authorization header when the server has keys, and notes who sent it (`owner`)."""
+    owner = key_owner(key_from_header(request.headers.get("authorization", "")), service(request).config.api_keys)
+    request.state.owner = owner
+    if owner is None:
         raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                        type="authentication_error", kind="auth", headers={"WWW-Authenticate": "Bearer"})
+
+
+def owner(request: Request) -> str:
+    """Who sent the request (see key_owner): a route's jobs belong to it."""
+    return request.state.owner
 
 
 def b64_png(data: bytes) -> str:

@@ -110,10 +110,11 @@ class LiveSession:
 
 
 class Job:
-    def __init__(self, request: JobRequest, api: str, timeout: float):
-        self.id = secrets.token_hex(8)
+    def __init__(self, request: JobRequest, api: str, timeout: float, owner: str = ""):
+        self.id = secrets.token_urlsafe(16)  # 128 random bits: nobody finds another's job by guessing
         self.request = request
         self.api = api  # "native", "openai" or "a1111": which API submitted it
+        self.owner = owner  # who may see and cancel it (serve.common.key_owner); "" on a server without keys
         self.created = time.time()
         self.submitted = time.monotonic()
         self.deadline = self.submitted + timeout
@@ -248,20 +249,22 @@ class JobScheduler:
     def ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, request: JobRequest, api: str) -> Job:
+    def submit(self, request: JobRequest, api: str, owner: str = "") -> Job:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.retry_after())
-            job = Job(request, api, self.timeout)
+            job = Job(request, api, self.timeout, owner)
             self._queue.append(job)
             self._jobs[job.id] = job
             self._cond.notify_all()
         return job
 
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+    def get(self, job_id: str, owner: str = "") -> Job | None:
+        """The job, if it exists and belongs to `owner`."""
+        job = self._jobs.get(job_id)
+        return job if job is not None and job.owner == owner else None
 
     def queue_position(self, job: Job) -> int | None:
         """1 for the next job to run; None when it is not queued."""
@@ -290,12 +293,12 @@ class JobScheduler:
             self._finish(job, CANCELLED, reason, status=409)
             return True
 
-    def interrupt(self, api: str) -> int:
-        """Cancel the running jobs submitted through `api` (AUTOMATIC1111's /interrupt); how many. As in
+    def interrupt(self, api: str, owner: str = "") -> int:
+        """Cancel `owner`'s running jobs submitted through `api` (AUTOMATIC1111's /interrupt); how many. As in
         AUTOMATIC1111, each keeps the images its latents decode to at the step it reached. Decoding happens in the
         calling thread, while the batch runs on: call it off the event loop."""
         stopped = 0
-        for job in [job for job in self.running() if job.api == api and job.state == RUNNING]:
+        for job in [job for job in self.running() if job.api == api and job.owner == owner and job.state == RUNNING]:
             partial = self._partial_images(job)
             with self._cond:
                 if job.state == RUNNING:

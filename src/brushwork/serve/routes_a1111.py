@@ -11,7 +11,7 @@ from brushwork import __version__
 from brushwork.errors import BrushworkError
 from brushwork.generation.samplers import A1111_SAMPLER_NAMES, SAMPLERS
 from brushwork.pnginfo import labelled_parameters, parameters_in_image
-from brushwork.serve.common import ApiError, Service, b64_png, service
+from brushwork.serve.common import ApiError, Service, b64_png, owner, service
 from brushwork.serve.jobs import CANCELLED, RUNNING, SUCCEEDED, Job
 from brushwork.serve.schemas import SCHEDULE_TYPES, A1111PngInfoRequest, A1111Txt2ImgRequest
 
@@ -51,7 +51,7 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, svc: Service = De
     job = svc.submit(svc.job_request(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
         seed=body.seed, n=body.batch_size * body.n_iter, sampler=body.sampler(),
-        width=body.width, height=body.height), api=API)
+        width=body.width, height=body.height), api=API, owner=owner(request))
     await svc.wait(job, request)
     interrupted = job.state == CANCELLED and job.error_status == 409
     if job.state != SUCCEEDED and not interrupted:
@@ -62,11 +62,12 @@ async def txt2img(body: A1111Txt2ImgRequest, request: Request, svc: Service = De
 
 
 @router.get("/progress")
-async def progress(skip_current_image: bool = False, svc: Service = Depends(service)) -> dict:
-    """Progress of the running job (the first, when a batch holds several), as AUTOMATIC1111 reports it. While
-    the generation thread still stops a cancelled batch it is busy, not idle: `interrupted` and `textinfo` say so."""
+async def progress(request: Request, skip_current_image: bool = False, svc: Service = Depends(service)) -> dict:
+    """Progress of the running job (the caller's own first, when a batch holds several), as AUTOMATIC1111 reports
+    it. While the generation thread still stops a cancelled batch it is busy, not idle: `interrupted` and
+    `textinfo` say so. Job ids are never shown (an id opens its job's prompt), and the preview only to its owner."""
     busy = svc.scheduler.running()
-    running = [job for job in busy if job.state == RUNNING]
+    running = sorted((job for job in busy if job.state == RUNNING), key=lambda job: job.owner != owner(request))
     queued = svc.scheduler.queued_count()
     state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(busy) + queued,
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
@@ -74,25 +75,26 @@ async def progress(skip_current_image: bool = False, svc: Service = Depends(serv
             "textinfo": f"{queued} jobs waiting" if queued else None}
     if not running:
         if busy:
-            state.update(job=f"job {busy[0].id}", interrupted=True, job_timestamp=_timestamp(busy[0].created))
-            idle["textinfo"] = f"stopping job {busy[0].id} ({busy[0].state})"
+            state.update(job="stopping", interrupted=True, job_timestamp=_timestamp(busy[0].created))
+            idle["textinfo"] = f"stopping a {busy[0].state} job"
         return idle
     job = running[0]
     total = job.request.total_steps  # every best_of candidate's steps
     fraction = job.step / total
     elapsed = time.time() - (job.started or time.time())
-    state.update(job=f"job {job.id}", job_timestamp=_timestamp(job.created), sampling_step=job.step,
+    state.update(job="generating", job_timestamp=_timestamp(job.created), sampling_step=job.step,
                  sampling_steps=total)
-    current_image = b64_png(job.preview) if job.preview is not None and not skip_current_image else None
+    shown = job.preview is not None and job.owner == owner(request) and not skip_current_image
     return {"progress": fraction, "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
-            "state": state, "current_image": current_image, "textinfo": f"step {job.step} of {total}"}
+            "state": state, "current_image": b64_png(job.preview) if shown else None,
+            "textinfo": f"step {job.step} of {total}"}
 
 
 @router.post("/interrupt")
-async def interrupt(svc: Service = Depends(service)) -> dict:
+async def interrupt(request: Request, svc: Service = Depends(service)) -> dict:
     """Stops the running jobs that came through this API, each with the images it reached; native and OpenAI
     jobs are left alone."""
-    await asyncio.to_thread(svc.scheduler.interrupt, API)
+    await asyncio.to_thread(svc.scheduler.interrupt, API, owner(request))
     return {}
 
 

@@ -19,7 +19,7 @@ import time
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from brushwork.serve.common import ApiError, Service, b64_png, key_from_header, key_matches
+from brushwork.serve.common import ApiError, Service, b64_png, key_from_header, key_owner
 from brushwork.serve.jobs import LiveResult, QueueFull, ShuttingDown
 from brushwork.serve.schemas import MAX_PROMPT_CHARS, LiveRequest
 
@@ -45,12 +45,10 @@ def _key_from_subprotocols(subprotocols: list[str]) -> str:
     return ""
 
 
-def _authorised(websocket: WebSocket, key: str | None) -> bool:
-    if key is None:
-        return True
+def _authorised(websocket: WebSocket, keys: tuple[str, ...]) -> bool:
     given = key_from_header(websocket.headers.get("authorization", "")) or \
         _key_from_subprotocols(websocket.scope.get("subprotocols", []))
-    return key_matches(given, key)
+    return key_owner(given, keys) is not None
 
 
 def _validation_message(error: ValidationError) -> dict:
@@ -79,7 +77,7 @@ async def live(websocket: WebSocket) -> None:
     svc: Service = websocket.app.state.service
     offered = websocket.scope.get("subprotocols", [])
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-    if not _authorised(websocket, svc.config.api_key):
+    if not _authorised(websocket, svc.config.api_keys):
         svc.metrics.errors.labels("auth").inc()
         await websocket.send_json(error_message("missing or wrong API key: send 'Authorization: Bearer KEY' or the "
                                                 "subprotocol bearer.<base64url of KEY>", type="authentication_error"))

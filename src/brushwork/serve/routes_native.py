@@ -8,7 +8,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from brushwork.generation.samplers import A1111_SAMPLER_NAMES, SAMPLERS
 from brushwork.serve import schemas
-from brushwork.serve.common import ApiError, Service, b64_png, service
+from brushwork.serve.common import ApiError, Service, b64_png, owner, service
 from brushwork.serve.jobs import FINAL, Job
 
 router = APIRouter()
@@ -16,8 +16,9 @@ router = APIRouter()
 KEEPALIVE_SECONDS = 15.0
 
 
-def _find(svc: Service, job_id: str) -> Job:
-    job = svc.scheduler.get(job_id)
+def _find(svc: Service, job_id: str, request: Request) -> Job:
+    """The job, when it belongs to the caller's key; another key's job is as unknown as a wrong id."""
+    job = svc.scheduler.get(job_id, owner(request))
     if job is None:
         raise ApiError(404, f"no job {job_id!r} (unknown, or finished long ago and forgotten)", param="id",
                        type="not_found")
@@ -65,27 +66,28 @@ def info(svc: Service = Depends(service)) -> dict:
 
 
 @router.post("/v1/generate", status_code=202)
-async def generate(body: schemas.GenerateRequest, response: Response, svc: Service = Depends(service)) -> dict:
-    job = svc.submit(svc.job_request(**body.model_dump()), api="native")
+async def generate(body: schemas.GenerateRequest, request: Request, response: Response,
+                   svc: Service = Depends(service)) -> dict:
+    job = svc.submit(svc.job_request(**body.model_dump()), api="native", owner=owner(request))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(svc, job)
 
 
 @router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, svc: Service = Depends(service)) -> dict:
-    return job_view(svc, _find(svc, job_id))
+async def get_job(job_id: str, request: Request, svc: Service = Depends(service)) -> dict:
+    return job_view(svc, _find(svc, job_id, request))
 
 
 @router.delete("/v1/jobs/{job_id}")
-async def cancel_job(job_id: str, svc: Service = Depends(service)) -> dict:
-    job = _find(svc, job_id)
+async def cancel_job(job_id: str, request: Request, svc: Service = Depends(service)) -> dict:
+    job = _find(svc, job_id, request)
     svc.scheduler.cancel(job)
     return job_view(svc, job)
 
 
 @router.get("/v1/jobs/{job_id}/images/{index}.png")
-async def get_image(job_id: str, index: int, svc: Service = Depends(service)) -> Response:
-    job = _find(svc, job_id)
+async def get_image(job_id: str, index: int, request: Request, svc: Service = Depends(service)) -> Response:
+    job = _find(svc, job_id, request)
     if not 0 <= index < len(job.images):
         raise ApiError(404, f"job {job_id} has {len(job.images)} images; no image {index}", param="index",
                        type="not_found")
@@ -101,7 +103,7 @@ def _event(name: str, data: dict) -> str:
 async def job_events(job_id: str, request: Request, svc: Service = Depends(service)) -> StreamingResponse:
     """Server-sent events: `progress` on every change (state, step, queue position, and a preview as a
     data URL when a new one is ready), then one `done` with the whole job, and the stream ends."""
-    job = _find(svc, job_id)
+    job = _find(svc, job_id, request)
 
     async def stream():
         seen, sent_preview = -1, 0

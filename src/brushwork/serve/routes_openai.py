@@ -4,7 +4,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from brushwork.serve.common import ApiError, Service, b64_png, service
+from brushwork.serve.common import ApiError, Service, b64_png, owner, service
 from brushwork.serve.jobs import SUCCEEDED
 from brushwork.serve.schemas import OpenAIImageRequest
 
@@ -26,7 +26,8 @@ async def images_generations(body: OpenAIImageRequest, request: Request, svc: Se
     width, height = body.width_height()
     job = svc.submit(svc.job_request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                                      guidance=body.guidance, seed=body.seed, n=body.n, sampler=body.sampler,
-                                     width=width, height=height, size_param="size"), api="openai")
+                                     width=width, height=height, size_param="size"), api="openai",
+                     owner=owner(request))
     await svc.wait(job, request)
     if job.state != SUCCEEDED:
         raise ApiError(job.error_status, f"image generation {job.state}: {job.error}",
