@@ -1,11 +1,13 @@
 """brushwork serve under a real uvicorn on 127.0.0.1: the official openai client, the webuiapi
-(AUTOMATIC1111) client, disconnects, a small load run and SIGTERM handling."""
+(AUTOMATIC1111) client, disconnects, a small load run, SIGTERM handling and connection limits."""
 
 import base64
 import io
 import json
 import signal
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,6 +23,7 @@ from brushwork.generation.auto import BrushworkPipeline
 from brushwork.pnginfo import parse_parameters
 from brushwork.serve.app import create_app
 from brushwork.serve.common import ServeConfig
+from brushwork.serve.connections import HeaderDeadline
 from brushwork.watermark import detect
 
 
@@ -149,3 +152,29 @@ def test_sigterm_answers_waiting_clients_and_stops(pipe):
         assert answers["queued"].status_code == 503
         assert "shutting down" in json.loads(answers["queued"].text)["error"]["message"]
         wait_until(lambda: not scheduler.ready and not scheduler._thread.is_alive())
+
+
+def test_slow_headers_are_cut_off_and_huge_headers_get_431(pipe, monkeypatch):
+    monkeypatch.setattr(HeaderDeadline, "header_seconds", 1.0)
+    with live_server(app_for(pipe)) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:  # slowloris: a header a while
+            slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started, closed = time.monotonic(), False
+            while time.monotonic() - started < 4 and not closed:
+                try:
+                    slow.sendall(b"X-Slow: 1\r\n")
+                    slow.settimeout(0.3)
+                    closed = slow.recv(1024) == b""
+                except socket.timeout:
+                    pass
+                except OSError:  # reset: closed too
+                    closed = True
+            assert closed and time.monotonic() - started < 3
+        with httpx.Client() as client:  # a prompt client on a kept-alive connection is not cut off
+            for _ in range(3):
+                assert client.get(f"{url}/health").status_code == 200
+                time.sleep(0.6)
+        big = httpx.get(f"{url}/health", headers={"X-Big": "a" * 200_000})
+        assert big.status_code == 431 and big.json()["error"]["code"] == "headers_too_large"
+        assert httpx.get(f"{url}/health").status_code == 200

@@ -119,8 +119,11 @@ def serve(
 def make_server(app, host: str, port: int, shutdown_grace: float, log_level: str = "info"):
     """A uvicorn server for the app. On SIGINT/SIGTERM the scheduler stops taking jobs at once, cancels the
     queued ones and gives the running batch `shutdown_grace` seconds, so waiting clients get their answer
-    before uvicorn closes the connections."""
+    before uvicorn closes the connections. A request's headers must arrive within HEADER_SECONDS, an idle
+    keep-alive connection is closed after 5 s."""
     import uvicorn
+
+    from brushwork.serve.connections import H11_MAX_HEAD_BYTES, HeaderDeadline
 
     scheduler = app.state.service.scheduler
 
@@ -130,7 +133,8 @@ def make_server(app, host: str, port: int, shutdown_grace: float, log_level: str
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=int(shutdown_grace) + 5)
+                            timeout_graceful_shutdown=int(shutdown_grace) + 5, timeout_keep_alive=5,
+                            http=HeaderDeadline, h11_max_incomplete_event_size=H11_MAX_HEAD_BYTES)
     return Server(config)
 
 

@@ -15,6 +15,7 @@ from brushwork import __version__
 from brushwork.generation.base import Text2ImagePipeline
 from brushwork.serve import routes_a1111, routes_live, routes_native, routes_openai, routes_ops
 from brushwork.serve.common import ApiError, ServeConfig, Service, require_api_key
+from brushwork.serve.connections import MAX_HEADER_BYTES
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("brushwork.serve")
@@ -94,6 +95,21 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+class HeaderLimit:
+    """ASGI middleware: 431 for a request whose headers hold more than `limit` bytes."""
+
+    def __init__(self, app, limit: int = MAX_HEADER_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > self.limit:
+            error = ApiError(431, f"the request headers are larger than this server's limit of {self.limit:,} bytes",
+                             param="headers", kind="too_large", code="headers_too_large")
+            response = await _api_error(Request(scope), error)
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class HostCheck:
     """ASGI middleware: 400 for a request whose Host header names none of `allowed` (a web page on another
     site could otherwise reach a loopback server through DNS rebinding)."""
@@ -154,6 +170,7 @@ def create_app(pipe: Text2ImagePipeline, config: ServeConfig | None = None) -> F
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(BodyLimit, limit=config.max_body)
+    app.add_middleware(HeaderLimit)
     if config.allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     return app
