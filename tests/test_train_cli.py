@@ -81,6 +81,10 @@ def test_stages_one_at_a_time(tmp_path):
         result = _train(stage, *TINY, "--out", out, "--steps", "2")
         assert result.exit_code == 0, result.output
     assert StableDiffusionPipeline.from_pretrained(out).unet.config.sample_size == 16
+    # A stage of another size does not fit the folder: one line names both sizes (it was a layer_norm traceback).
+    result = _train("unet", "--data", "shapes", "--n", "64", "--out", out, "--steps", "2", "--resume")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "holds a model of size 'tiny' and this command trains size 'small'" in result.output
     # Training the UNet on for more steps resumes it; the model card lists every command, in order.
     result = _train("unet", *TINY, "--out", out, "--steps", "4", "--resume")
     assert result.exit_code == 0, result.output

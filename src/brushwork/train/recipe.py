@@ -154,6 +154,10 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     if config.init_unet is not None and not (resolve_model(config.init_unet) / "unet" / "config.json").is_file():
         raise BrushworkError(f"--init {config.init_unet} has no unet/ folder: give a diffusion model folder "
                              "(from `brushwork train`) or a shipped model name such as 'shapes'.")
+    trained = json.loads((out / "training.json").read_text()) if (out / "training.json").is_file() else {}
+    if trained.get("size", size.name) != size.name:
+        raise BrushworkError(f"{out} holds a model of size {trained['size']!r} and this command trains size "
+                             f"{size.name!r}, which does not fit it: pass --size {trained['size']}.")
     if "unet" in stages and "clip" not in stages:
         needed = ("text_encoder", "tokenizer") + (() if "vae" in stages else ("vae",))
         missing = [name for name in needed if not (out / name).is_dir()]
