@@ -136,6 +136,25 @@ def test_a_shared_deadline_stops_the_run_like_its_own_limit(tmp_path):
     assert stopped.step == 5 and stopped.checkpoint.name == "step-00000005"
 
 
+def test_a_time_budget_ends_the_lr_schedule_within_it(tmp_path):
+    # 1000 steps would take about 20 s; the budget is 1.5 s. The cosine must decay within it, not stay at its peak.
+    stopped = run(ToyStage(delay=0.02), make_config(tmp_path, 1000, log_every=5, checkpoint_every=0, lr=0.1,
+                                                    lr_schedule="cosine", max_minutes=1.5 / 60))
+    lrs = [r["lr"] for r in read_log(stopped.log_path)]
+    assert stopped.step < 500 and lrs[0] > 0.09 and lrs[-1] < 0.05
+
+
+def test_resume_from_a_named_checkpoint_is_exact(tmp_path):
+    whole = run(ToyStage(), make_config(tmp_path / "whole", 20, keep_checkpoints=4))
+    run(ToyStage(), make_config(tmp_path / "cut", 20, keep_checkpoints=4))
+    named = tmp_path / "cut" / "checkpoints" / "step-00000010"
+    again = run(ToyStage(), make_config(tmp_path / "cut", 20, keep_checkpoints=4, resume_from=named))
+    assert again.step == 20 and torch.equal(again.modules["net"][0].weight, whole.modules["net"][0].weight)
+    (named / "training_state.pt").write_bytes(b"")
+    with pytest.raises(BrushworkError, match="Cannot resume from .*step-00000010: training_state.pt"):
+        run(ToyStage(), make_config(tmp_path / "cut", 20, resume_from=named))
+
+
 def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     result = run(ToyStage(), make_config(tmp_path, 3, resume=True))
     assert result.step == 3 and [r["step"] for r in read_log(result.log_path)] == [1, 2, 3]
@@ -143,7 +162,7 @@ def test_resume_without_checkpoint_starts_at_zero(tmp_path):
 
 @pytest.mark.parametrize("overrides, pattern", [
     ({"batch_size": 10, "grad_accum": 3}, "divisible"),
-    ({"lr_schedule": "linear"}, "lr_schedule"),
+    ({"lr_schedule": "exponential"}, "lr_schedule"),
     ({"mixed_precision": "fp8"}, "mixed_precision"),
     ({"mixed_precision": "fp16"}, "fp16"),
     ({"max_steps": 0}, "max_steps"),

@@ -2,6 +2,7 @@ import json
 import shutil
 import types
 
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -9,6 +10,7 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from brushwork.cli import app
+from brushwork.errors import BrushworkError
 from brushwork.train.options import runs_folder
 from brushwork.train.recipe import shapes_reconstruction_accuracy
 
@@ -352,3 +354,47 @@ def test_runs_go_beside_the_model_and_an_older_model_keeps_its_runs_inside(tmp_p
     result = _train("clip", *TINY, "--out", str(out), "--steps", "2", "--resume")
     assert result.exit_code == 0, result.output
     assert (out / "runs" / "clip" / "checkpoints" / "step-00000002").is_dir() and not (tmp_path / "m.runs").exists()
+
+
+def test_diffusers_training_flags(tmp_path):
+    """--lr-scheduler, --lr-warmup-steps, --gradient-accumulation-steps, --validation-prompts and
+    --resume-from-checkpoint, named as in diffusers' training scripts."""
+    out = tmp_path / "m"
+    args = [*TINY, "--out", str(out), "--batch-size", "8", "--steps", "4", "--checkpoint-every", "2",
+            "--lr-scheduler", "linear", "--lr-warmup-steps", "2", "--gradient-accumulation-steps", "2"]
+    for stage in ("clip", "vae"):
+        result = _train(stage, *args)
+        assert result.exit_code == 0, result.output
+    runs = runs_folder(out)
+    log = [json.loads(line) for line in (runs / "vae" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == 0.0  # linear decay to 0 at the last step
+    state = json.loads((runs / "vae" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["config"]["grad_accum"] == 2 and state["config"]["lr_schedule"] == "linear"
+
+    prompts = ["--validation-prompts", "a red circle", "--validation-prompts", "a blue square"]
+    result = _train("unet", *args, "--sample-every", "2", *prompts)
+    assert result.exit_code == 0, result.output
+    grid = PIL.Image.open(runs / "unet" / "samples" / "step-00000002.png")
+    assert grid.width == 2 * grid.height  # one image per validation prompt
+    assert "--validation-prompts 'a red circle' --validation-prompts 'a blue square'" in (out / "README.md").read_text()
+
+    named = runs / "unet" / "checkpoints" / "step-00000002"
+    result = _train("unet", *args, "--resume-from-checkpoint", str(named))
+    assert result.exit_code == 0, result.output
+    assert "resuming from step-00000002; the later checkpoints (step-00000004) are replaced" in result.output
+    wrong = _train("unet", *args, "--resume-from-checkpoint", str(runs / "vae" / "checkpoints" / "step-00000004"))
+    assert wrong.exit_code == 1 and "checkpoint of the vae stage, which this command does not train" in wrong.output
+    bad = _train("clip", *TINY, "--out", str(tmp_path / "n"), "--lr-scheduler", "exponential")
+    assert bad.exit_code == 1 and "--lr-scheduler must be one of constant" in bad.output
+
+
+def test_validation_prompts_in_a_config_file(tmp_path):
+    from brushwork.train.options import RecipeConfig, read_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text("validation_prompts: [a red circle, a blue square]\nlr_scheduler: constant\n")
+    assert read_config_file(path, RecipeConfig) == {"validation_prompts": ["a red circle", "a blue square"],
+                                                    "lr_scheduler": "constant"}
+    path.write_text("validation_prompts: a red circle\n")
+    with pytest.raises(BrushworkError, match="must be a list of strings"):
+        read_config_file(path, RecipeConfig)

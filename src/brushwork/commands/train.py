@@ -60,8 +60,9 @@ def _command_line(ctx: typer.Context, config) -> str:
         if param.name not in names:
             continue  # --config, deprecated flags
         value = getattr(config, param.name)
-        if value != param.default:
-            words += [param.opts[0]] if param.is_flag else [param.opts[0], str(value)]
+        if value != param.default and value != []:
+            values = value if isinstance(value, list) else [value]
+            words += [param.opts[0]] if param.is_flag else [w for v in values for w in (param.opts[0], str(v))]
     return shlex.join(words)
 
 
@@ -105,6 +106,12 @@ def recipe(
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
     report_to: str = cli_option(RecipeConfig, "report_to"),
     hard_negatives: float = cli_option(RecipeConfig, "hard_negatives"),
+    lr: float | None = cli_option(RecipeConfig, "lr"),
+    lr_scheduler: str = cli_option(RecipeConfig, "lr_scheduler"),
+    lr_warmup_steps: int | None = cli_option(RecipeConfig, "lr_warmup_steps"),
+    gradient_accumulation_steps: int = cli_option(RecipeConfig, "gradient_accumulation_steps"),
+    resume_from_checkpoint: str | None = cli_option(RecipeConfig, "resume_from_checkpoint"),
+    validation_prompts: list[str] | None = cli_option(RecipeConfig, "validation_prompts"),
 ) -> None:
     """Train the whole recipe: tokenizer, CLIP, VAE, UNet, into one diffusers pipeline folder."""
     if ctx.invoked_subcommand is None:
@@ -136,6 +143,11 @@ def clip(
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
     report_to: str = cli_option(RecipeConfig, "report_to"),
     hard_negatives: float = cli_option(RecipeConfig, "hard_negatives"),
+    lr: float | None = cli_option(RecipeConfig, "lr"),
+    lr_scheduler: str = cli_option(RecipeConfig, "lr_scheduler"),
+    lr_warmup_steps: int | None = cli_option(RecipeConfig, "lr_warmup_steps"),
+    gradient_accumulation_steps: int = cli_option(RecipeConfig, "gradient_accumulation_steps"),
+    resume_from_checkpoint: str | None = cli_option(RecipeConfig, "resume_from_checkpoint"),
 ) -> None:
     """Train the tokenizer and CLIP: writes tokenizer/, text_encoder/ and clip/ into OUT."""
     _train_recipe(ctx, ("clip",), config_file)
@@ -164,6 +176,11 @@ def vae(
     num_workers: int = cli_option(RecipeConfig, "num_workers"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
     report_to: str = cli_option(RecipeConfig, "report_to"),
+    lr: float | None = cli_option(RecipeConfig, "lr"),
+    lr_scheduler: str = cli_option(RecipeConfig, "lr_scheduler"),
+    lr_warmup_steps: int | None = cli_option(RecipeConfig, "lr_warmup_steps"),
+    gradient_accumulation_steps: int = cli_option(RecipeConfig, "gradient_accumulation_steps"),
+    resume_from_checkpoint: str | None = cli_option(RecipeConfig, "resume_from_checkpoint"),
 ) -> None:
     """Train the VAE and measure its latent scale: writes vae/ into OUT."""
     _train_recipe(ctx, ("vae",), config_file)
@@ -197,9 +214,14 @@ def unet(
     sample_every: int = cli_option(RecipeConfig, "sample_every"),
     num_workers: int = cli_option(RecipeConfig, "num_workers"),
     init_unet: str | None = cli_option(RecipeConfig, "init_unet"),
-    lr: float | None = cli_option(RecipeConfig, "lr"),
     max_minutes: float | None = cli_option(RecipeConfig, "max_minutes"),
     report_to: str = cli_option(RecipeConfig, "report_to"),
+    lr: float | None = cli_option(RecipeConfig, "lr"),
+    lr_scheduler: str = cli_option(RecipeConfig, "lr_scheduler"),
+    lr_warmup_steps: int | None = cli_option(RecipeConfig, "lr_warmup_steps"),
+    gradient_accumulation_steps: int = cli_option(RecipeConfig, "gradient_accumulation_steps"),
+    resume_from_checkpoint: str | None = cli_option(RecipeConfig, "resume_from_checkpoint"),
+    validation_prompts: list[str] | None = cli_option(RecipeConfig, "validation_prompts"),
 ) -> None:
     """Train the UNet on OUT's text encoder and VAE: writes unet/, scheduler/ and model_index.json."""
     _train_recipe(ctx, ("unet",), config_file)

@@ -56,7 +56,9 @@ CHECKPOINT_FORMAT = 1
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 _TEMP_PREFIX = ".tmp-"
 PRECISIONS = ("no", "bf16", "fp16", "auto")
-LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # ours -> diffusers' name
+# diffusers.optimization.get_scheduler's schedules (as its training scripts' --lr_scheduler), less
+# piecewise_constant, which needs rules of its own
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 REPORT_TO = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
@@ -69,7 +71,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # "constant" | "cosine"
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES ("constant" takes no warm-up: "constant_with_warmup" does)
     mixed_precision: str = "auto"  # "no" | "bf16" | "fp16" | "auto" (bf16 where the hardware has it)
     ema_decay: float | None = None
     grad_clip: float | None = 1.0
@@ -79,7 +81,11 @@ class TrainConfig:
     sample_every: int = 0  # 0: never
     seed: int = 0
     resume: bool = False  # continue from the newest checkpoint in out_dir; none there: start at step 0
+    resume_from: Path | None = None  # continue from this checkpoint (later ones in out_dir are replaced)
     num_workers: int = 0  # DataLoader worker processes per training process
+    # With either time budget, the lr schedule ends where the budget is expected to: at the first log step after
+    # 2 * log_every steps, the steps the remaining time allows at the speed so far shorten the schedule (never
+    # lengthen it), so a cosine decays within the budget. A resumed run estimates again for its own budget.
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
     stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
     report_to: str = "none"  # also log to "tensorboard", "wandb", "all" of them or "none" (log.jsonl is always written)
@@ -340,7 +346,7 @@ def _check_config(config: TrainConfig) -> None:
     if config.batch_size < 1 or config.grad_accum < 1:
         problems.append(f"batch_size and grad_accum must be >= 1 (got {config.batch_size}, {config.grad_accum})")
     if config.lr_schedule not in LR_SCHEDULES:
-        problems.append(f"lr_schedule must be one of {sorted(LR_SCHEDULES)} (got {config.lr_schedule!r})")
+        problems.append(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {config.lr_schedule!r})")
     if config.mixed_precision not in PRECISIONS:
         problems.append(f"mixed_precision must be one of {list(PRECISIONS)} (got {config.mixed_precision!r})")
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
@@ -464,7 +470,7 @@ class _Trainer:
         _check_config(config)
         check_writable(self.out_dir)
         existing = checkpoint_folders(self.out_dir)
-        if existing and not config.resume:
+        if existing and not config.resume and config.resume_from is None:
             raise BrushworkError(f"{self.out_dir} already holds checkpoints (newest: {existing[-1].name}). Pass "
                                  "resume=True (--resume) to continue that run, or choose another out_dir.")
 
@@ -495,7 +501,8 @@ class _Trainer:
         self.modules = stage.modules()
         self.groups = stage.optimizers()
         _check_stage(self.modules, self.groups)
-        self.resume_from, self.saved_training = self._newest_intact(existing)
+        self.resume_from, self.saved_training = (self._named_checkpoint(Path(config.resume_from))
+                                                 if config.resume_from else self._newest_intact(existing))
         self.saved_state = _check_resume(self.resume_from, stage, config) if self.resume_from else None
         self.start_step = self.saved_state["step"] if self.saved_state else 0
         self.dataset = stage.dataset()
@@ -526,9 +533,7 @@ class _Trainer:
             options = dict(stage.optimizer_options().get(opt_name, {}))
             lr = config.lr * options.pop("lr_scale", 1.0)
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=fused, **options)
-            self.schedulers[opt_name] = get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer,
-                                                      num_warmup_steps=config.warmup_steps,
-                                                      num_training_steps=config.max_steps)
+            self.schedulers[opt_name] = self._scheduler(optimizer, config.max_steps)
             # The scheduler is not prepared: accelerate would step it once per process.
             self.optimizers[opt_name] = acc.prepare_optimizer(optimizer)
         if self.resume_from:
@@ -541,6 +546,26 @@ class _Trainer:
                                  pin_memory=acc.device.type == "cuda")
         if acc.is_main_process:
             self._prepare_out_dir()
+
+    def _scheduler(self, optimizer, total_steps: int, done: int = 0):
+        """The lr schedule over `total_steps`, `done` steps into it."""
+        scheduler = get_scheduler(self.config.lr_schedule, optimizer, num_warmup_steps=self.config.warmup_steps,
+                                  num_training_steps=total_steps)
+        if done:
+            scheduler.last_epoch = done - 1
+            scheduler.step()
+        return scheduler
+
+    def _named_checkpoint(self, checkpoint: Path) -> tuple[Path, dict]:
+        """The checkpoint resume_from names, checked as the newest one would be."""
+        problem, training = checkpoint_problem(checkpoint, list(self.modules), self.config.ema_decay is not None)
+        if problem is not None:
+            raise BrushworkError(f"Cannot resume from {checkpoint}: {problem}.")
+        later = [p.name for p in checkpoint_folders(self.out_dir) if _checkpoint_step(p) > _checkpoint_step(checkpoint)]
+        if later:
+            self.accelerator.print(f"{self.stage.name}: resuming from {checkpoint.name}; the later checkpoints "
+                                   f"({', '.join(later)}) are replaced as this run trains.")
+        return checkpoint, training
 
     def _newest_intact(self, checkpoints: list[Path]) -> tuple[Path | None, dict | None]:
         """The newest checkpoint whose files are all there and readable, and its training state; a line names
@@ -705,6 +730,8 @@ class _Trainer:
                     if step == self.start_step + 1 and acc.num_processes > 1:
                         self._check_replicas_in_sync()
 
+                    if step == self.start_step + 2 * config.log_every:
+                        self._fit_schedule_to_budget(step, run_start)
                     time_up = step % config.log_every == 0 and self._time_up(run_start)
                     save_now = time_up or step == config.max_steps or (
                         config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
@@ -741,13 +768,37 @@ class _Trainer:
         return TrainResult(step=step, modules=self.modules, ema=ema, log_path=self.log_path,
                            checkpoint=self.last_checkpoint)
 
-    def _time_up(self, run_start: float) -> bool:
-        """Whether this run has trained for config.max_minutes; every process gets the main process's answer."""
+    def _seconds_left(self, run_start: float) -> float | None:
+        """Time left of this run's budget (max_minutes, stop_at), or None without one."""
         minutes, stop_at = self.config.max_minutes, self.config.stop_at
-        if not minutes and stop_at is None:
+        left = [minutes * 60 - (time.perf_counter() - run_start)] if minutes else []
+        left += [stop_at - time.time()] if stop_at is not None else []
+        return min(left) if left else None
+
+    def _fit_schedule_to_budget(self, step: int, run_start: float) -> None:
+        """Shorten the lr schedule to the steps the time left allows at this run's speed so far (see TrainConfig);
+        every process gets the main process's estimate."""
+        left = self._seconds_left(run_start)
+        if left is None:
+            return
+        per_step = (time.perf_counter() - run_start) / (step - self.start_step)
+        reachable = torch.tensor([min(self.config.max_steps, step + max(1, int(left / per_step)))])
+        if self.accelerator.num_processes > 1:
+            reachable = broadcast(reachable.to(self.accelerator.device), from_process=0).cpu()
+        total = int(reachable.item())
+        if total >= self.config.max_steps:
+            return
+        self.schedulers = {name: self._scheduler(old.optimizer, total, done=step)
+                           for name, old in self.schedulers.items()}
+        self.accelerator.print(f"{self.stage.name}: the time budget allows about {total:,} of {self.config.max_steps:,} "
+                               "steps; the lr schedule ends there.")
+
+    def _time_up(self, run_start: float) -> bool:
+        """Whether this run's time budget is spent; every process gets the main process's answer."""
+        left = self._seconds_left(run_start)
+        if left is None:
             return False
-        up = (bool(minutes) and time.perf_counter() - run_start >= minutes * 60) or (
-            stop_at is not None and time.time() >= stop_at)
+        up = left <= 0
         if self.accelerator.num_processes == 1:
             return up
         return bool(broadcast(torch.tensor([up], device=self.accelerator.device), from_process=0).item())

@@ -74,6 +74,21 @@ class RecipeConfig(SharedConfig):
     steps_unet: int | None = option(None, "--steps-unet", help="UNet steps (default: the size's).")
     resolution: int | None = option(None, "--resolution", help="Image side in pixels (default: the size's, 64).")
     lr: float | None = option(None, "--lr", help="Peak learning rate (default 5e-4; lower suits --init).")
+    # The next five are named as in diffusers' training scripts.
+    lr_scheduler: str = option("cosine", "--lr-scheduler", help="Learning-rate schedule, as diffusers' "
+                               "get_scheduler names them: constant (no warm-up), constant_with_warmup, cosine, "
+                               "cosine_with_restarts, linear or polynomial. Under --max-minutes it ends where the "
+                               "time is expected to run out.")
+    lr_warmup_steps: int | None = option(None, "--lr-warmup-steps", help="Steps of linear warm-up (default: 5% of "
+                                         "a stage's steps, at most 500).")
+    gradient_accumulation_steps: int = option(1, "--gradient-accumulation-steps", help="Micro-batches each step's "
+                                              "--batch-size images are split into: less memory, the same steps.")
+    validation_prompts: list[str] | None = option(None, "--validation-prompts", help="A prompt of the UNet's "
+                                                  "sample grids (repeatable; default: the data set's first "
+                                                  "captions).")
+    resume_from_checkpoint: str | None = option(None, "--resume-from-checkpoint", help="Continue from this "
+                                                "checkpoint (a step-N folder under OUT.runs/STAGE/checkpoints; "
+                                                "later ones are replaced), or 'latest': the same as --resume.")
     vocab_size: int = option(DEFAULT_VOCAB_SIZE, "--vocab-size",
                              help="Upper bound of the tokenizer's vocabulary.")
     hard_negatives: float | None = option(
@@ -185,7 +200,7 @@ def read_config_file(path: Path, config_class: type) -> dict:
 
 
 def _typed(value, kind, where: str):
-    """`value` as the field type `kind` (int, float, str, bool or Path, or one of them | None)."""
+    """`value` as the field type `kind` (int, float, str, bool, Path or list[str], or one of them | None)."""
     allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
     if value is None and type(None) in allowed:
         return None
@@ -194,6 +209,10 @@ def _typed(value, kind, where: str):
         return Path(value)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typing.get_origin(base) is list:  # list[str]
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+        raise BrushworkError(f"{where} must be a list of strings, got {value!r}.")
     if isinstance(value, base) and not (base is not bool and isinstance(value, bool)):
         return value
     raise BrushworkError(f"{where} must be {'a path' if base is Path else base.__name__}, got {value!r}.")

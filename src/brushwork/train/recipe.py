@@ -36,7 +36,7 @@ from brushwork.eval.checker import check
 from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.loop import TrainConfig, check_report_to, check_writable, list_checkpoints, run
+from brushwork.train.loop import LR_SCHEDULES, TrainConfig, check_report_to, check_writable, list_checkpoints, run
 from brushwork.train.options import STAGES, RecipeConfig, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
@@ -66,6 +66,7 @@ class Plan:
     data: torch.utils.data.Dataset
     steps: dict[str, int]
     batch_size: int
+    resume_stage: str | None = None  # the stage --resume-from-checkpoint PATH names
 
     @property
     def out(self) -> Path:
@@ -88,6 +89,19 @@ class Plan:
         budget = self.config.max_minutes * 60
         end = self.started + budget * sum(shares[s] for s in stages[:stages.index(stage) + 1])
         return end - min(60.0, 0.05 * budget * shares[stage])
+
+
+def checkpoint_stage(checkpoint: Path, stages: tuple[str, ...]) -> str:
+    """The stage whose checkpoint `checkpoint` is (from its state.json); BrushworkError unless this command runs it."""
+    try:
+        stage = json.loads((checkpoint / "state.json").read_text()).get("stage")
+    except (OSError, ValueError):
+        raise BrushworkError(f"--resume-from-checkpoint {checkpoint}: not a checkpoint folder (no readable "
+                             "state.json); give a step-N folder under OUT.runs/STAGE/checkpoints, or 'latest'.") from None
+    if stage not in stages:
+        raise BrushworkError(f"--resume-from-checkpoint {checkpoint} is a checkpoint of the {stage} stage, which "
+                             f"this command does not train ({', '.join(stages)}).")
+    return stage
 
 
 def budget_shares(stages: tuple[str, ...]) -> dict[str, float]:
@@ -133,6 +147,19 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
                                  f"minute, so give at least {math.ceil(least)} minutes.")
     if config.lr is not None and not config.lr > 0:
         raise BrushworkError(f"--lr must be a positive number, got {config.lr}.")
+    if config.lr_scheduler not in LR_SCHEDULES:
+        raise BrushworkError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_scheduler!r}.")
+    if (config.lr_warmup_steps or 0) < 0 or config.gradient_accumulation_steps < 1:
+        raise BrushworkError("--lr-warmup-steps must be at least 0 and --gradient-accumulation-steps at least 1.")
+    if batch_size % config.gradient_accumulation_steps:
+        raise BrushworkError(f"--batch-size {batch_size} must be a multiple of --gradient-accumulation-steps "
+                             f"{config.gradient_accumulation_steps}: each step's images are split into that many "
+                             "micro-batches.")
+    resume_stage = None
+    if config.resume_from_checkpoint is not None:
+        resume_stage = None if config.resume_from_checkpoint == "latest" else checkpoint_stage(
+            Path(config.resume_from_checkpoint), stages)
+        config = dataclasses.replace(config, resume=True)
     if config.hard_negatives is not None and not 0 <= config.hard_negatives <= 1:
         raise BrushworkError(f"--hard-negatives is a share of the images, from 0 to 1; got {config.hard_negatives}.")
     if not 0 <= config.caption_dropout < 1:
@@ -190,17 +217,20 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
                                  "original settings, or train into a new folder.")
     if PartialState().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
-    return Plan(config, started, size, data, steps, batch_size)
+    return Plan(config, started, size, data, steps, batch_size, resume_stage)
 
 
 def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainConfig:
     steps = p.steps[stage]
     c = p.config
-    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size, lr=p.lr(stage),
-                       weight_decay=WEIGHT_DECAY[stage], warmup_steps=min(500, steps // 20),
-                       lr_schedule="cosine", mixed_precision=c.mixed_precision, ema_decay=ema_decay,
-                       checkpoint_every=c.checkpoint_every, sample_every=c.sample_every, seed=c.seed,
-                       resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage), report_to=c.report_to)
+    warmup = c.lr_warmup_steps if c.lr_warmup_steps is not None else min(500, steps // 20)
+    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size,
+                       grad_accum=c.gradient_accumulation_steps, lr=p.lr(stage), weight_decay=WEIGHT_DECAY[stage],
+                       warmup_steps=warmup, lr_schedule=c.lr_scheduler, mixed_precision=c.mixed_precision,
+                       ema_decay=ema_decay, checkpoint_every=c.checkpoint_every, sample_every=c.sample_every,
+                       seed=c.seed, resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage),
+                       report_to=c.report_to,
+                       resume_from=Path(c.resume_from_checkpoint) if stage == p.resume_stage else None)
 
 
 def _main_process() -> bool:
@@ -426,6 +456,7 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
     stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
                       prediction_type=c.prediction_type, zero_terminal_snr=c.zero_terminal_snr,
                       snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
+                      validation_prompts=c.validation_prompts,
                       cache_latents=steps * p.batch_size >= len(p.data))
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]

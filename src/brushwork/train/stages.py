@@ -351,7 +351,7 @@ class UnetStage(BaseStage):
                  tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
                  caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
-                 sample_steps: int = 20):
+                 sample_steps: int = 20, validation_prompts: list[str] | None = None):
         self.data = data
         self.unet = unet
         self.text_encoder = text_encoder.requires_grad_(False).eval()
@@ -364,6 +364,7 @@ class UnetStage(BaseStage):
         self.cache_latents = cache_latents and len(data) <= max_cached_latents
         self.guidance_scale = guidance_scale
         self.sample_steps = sample_steps
+        self.validation_prompts = validation_prompts  # the sample grids' prompts; None: the first captions
         self._latent_data: Dataset | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
 
@@ -466,12 +467,12 @@ class UnetStage(BaseStage):
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
-        """The first captions of the data set, one fixed seed each."""
+        """The validation prompts (or the first captions of the data set), one fixed seed each."""
         unet = _unwrap(modules["unet"])
         device = next(unet.parameters()).device
         pipe = self.pipeline(unet).to(device)
         pipe.set_progress_bar_config(disable=True)
-        prompts = [item["text"] for item in _validation_items(self.data)]
+        prompts = self.validation_prompts or [item["text"] for item in _validation_items(self.data)]
         generators = [torch.Generator(device).manual_seed(seed) for seed in range(len(prompts))]
         was_training = unet.training
         unet.eval()
