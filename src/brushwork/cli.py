@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from brushwork import __version__
-from brushwork.commands import data, eval, generate, serve, train
+from brushwork.commands import data, eval, generate, push, serve, train
 from brushwork.errors import BrushworkError
 
 
@@ -60,6 +60,7 @@ app.command("generate")(generate.generate)
 app.command("info")(generate.info)
 app.command("eval")(eval.evaluate)
 app.command("serve")(serve.serve)
+app.command("push")(push.push)
 app.add_typer(serve.watermark_app, name="watermark")
 
 if __name__ == "__main__":
