@@ -4,10 +4,10 @@ Every function takes tensors of features already extracted (see brushwork.eval.f
 of the feature extractor serves FID, KID, PRDC and intra-prompt diversity alike.
 """
 
-import math
 import warnings
 
 import torch
+from scipy.stats import binomtest
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
@@ -57,6 +57,9 @@ def _kth_neighbour_radii(features: torch.Tensor, k: int) -> torch.Tensor:
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]:
     """Precision and recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020).
 
+    Hand-written: torchmetrics has no PRDC, and the `prdc` package computes the same four numbers with numpy
+    and scikit-learn from arrays; here they are four lines on torch.cdist of the features already extracted.
+
     Each real point owns a ball whose radius is the distance to its k-th nearest real neighbour; each fake
     point likewise among the fakes. precision: share of fakes inside some real ball. recall: share of reals
     inside some fake ball. density: mean number of real balls holding a fake, divided by k. coverage: share
@@ -87,7 +90,10 @@ def intra_prompt_diversity(groups: torch.Tensor) -> float:
 
 
 def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
-    """Mean of max(100 · cos(image_i, text_i), 0) over matching pairs (Hessel et al. 2021, as torchmetrics)."""
+    """Mean of max(100 · cos(image_i, text_i), 0) over matching pairs (Hessel et al. 2021, as torchmetrics).
+
+    Not torchmetrics' CLIPScore: it embeds images and text with a CLIP it loads by name, through its own
+    processor; this scores the embeddings the model's own CLIP (ClipEmbedder) already made for several metrics."""
     cosine = nn.functional.cosine_similarity(image_embeds.double(), text_embeds.double(), dim=-1)
     return (100 * cosine).clamp(min=0).mean().item()
 
@@ -106,14 +112,9 @@ def retrieval_accuracy(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor, 
     return {k: ((rank < k).double().mean().item() if k < len(prompt_embeds) else None) for k in ks}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% for the default z)."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion, from scipy (binomtest); (0, 1) for no trials."""
     if n == 0:
         return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At 0 or n successes the bound is exactly 0 or 1; set it so rounding cannot leave the estimate outside.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return low, high
+    interval = binomtest(successes, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
