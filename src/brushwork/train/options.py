@@ -67,6 +67,12 @@ def runs_folder(out: Path) -> Path:
     return out / "runs" if (out / "runs").is_dir() else out.parent / f"{out.name}.runs"
 
 
+def stop_time(started: float, max_minutes: float | None) -> float | None:
+    """When a one-stage command that started at `started` (time.time()) must stop training to keep to --max-minutes
+    (a little is left for writing the model)."""
+    return None if max_minutes is None else started + max_minutes * 60 - min(30.0, 0.05 * max_minutes * 60)
+
+
 def settings(config) -> dict:
     """The options of `config` as JSON values (paths as strings), for training.json."""
     values = {name: getattr(config, name) for name in option_fields(type(config))}
