@@ -6,6 +6,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
 )
 
 from brushwork.errors import BrushworkError
@@ -16,10 +17,11 @@ SAMPLERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
+    "lcm": LCMScheduler,  # few-step (consistency-distilled) models only
 }
 DEFAULT_SAMPLER = "dpm++"
 # AUTOMATIC1111's sampler names, written into PNG info and accepted back.
-A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun"}
+A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "lcm": "LCM"}
 _SAMPLER_ALIASES = {
     **{a1111.lower(): name for name, a1111 in A1111_SAMPLER_NAMES.items()},
     "dpm++2m": "dpm++", "dpmpp_2m": "dpm++", "dpmsolver++": "dpm++", "dpm": "dpm++",
@@ -28,10 +30,11 @@ _SAMPLER_ALIASES = {
 }
 
 
-def resolve_sampler(name: str | None) -> str:
-    """Canonical sampler name ("dpm++", "ddim", ...) for a brushwork or AUTOMATIC1111 name."""
+def resolve_sampler(name: str | None, default: str = DEFAULT_SAMPLER) -> str:
+    """Canonical sampler name ("dpm++", "ddim", ...) for a brushwork or AUTOMATIC1111 name; `default` for None (a
+    pipeline's own: "lcm" for a few-step model)."""
     if name is None:
-        return DEFAULT_SAMPLER
+        return default
     key = name.strip().lower()
     key = _SAMPLER_ALIASES.get(key, key)
     if key not in SAMPLERS:
