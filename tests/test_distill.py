@@ -2,6 +2,7 @@
 brushwork and in diffusers' LatentConsistencyModelPipeline."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -157,3 +158,25 @@ def test_bad_teachers_and_folders_are_one_line_errors(teacher, fast, tmp_path):
         assert len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["train", "distill", "--model", str(teacher), "--out", str(tmp_path / "out2")])
     assert result.exit_code == 1 and "pass --data" in result.output   # a teacher without training.json
+
+
+def test_a_shipped_few_step_model_is_found_by_name(fast, tmp_path, monkeypatch):
+    from brushwork.generation import registry
+
+    shutil.copytree(fast, tmp_path / "models" / "shapes-fast")
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", tmp_path / "models")
+    assert "shapes-fast" in registry.shipped_models()
+    pipe = BrushworkPipeline.from_pretrained("shapes-fast", device="cpu", dtype=torch.float32)
+    assert pipe.path == tmp_path / "models" / "shapes-fast"
+    assert pipe.few_step and pipe.resolve_steps(None) == 4 and pipe.default_sampler == "lcm"
+
+
+@pytest.mark.slow
+def test_a_compiled_few_step_model_draws_as_the_eager_one(fast, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path))
+    eager = BrushworkPipeline.from_pretrained(fast, device="cpu", dtype=torch.float32)
+    compiled = BrushworkPipeline.from_pretrained(fast, device="cpu", dtype=torch.float32, compile=True)
+    for guidance in (2.0, 8.0):
+        a, b = (np.asarray(p(["a red circle"], guidance_scale=guidance, seed=1).images[0], dtype=np.int16)
+                for p in (eager, compiled))
+        assert np.abs(a - b).max() <= 2

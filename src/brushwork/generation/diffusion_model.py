@@ -18,7 +18,8 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """[len(w), dim]: the embedding of the guidance w (= guidance scale - 1) that a few-step (distilled) UNet takes
     as `timestep_cond`. diffusers' LatentConsistencyModelPipeline's own (a method that uses nothing of its
     pipeline), so that training, brushwork's sampling and diffusers' give the same numbers."""
-    return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w.float(), embedding_dim=dim)
+    embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=dim)
+    return embedding.to(w.device)   # it makes its frequencies on the CPU
 
 
 class LatentDecoder(torch.nn.Module):
