@@ -65,7 +65,8 @@ def test_distill_writes_an_lcm_folder_with_the_teachers_schedule(teacher, distil
     trained, initial = unet_weights(distilled), unet_weights(teacher)
     assert trained["time_embedding.cond_proj.weight"].abs().max() > 0   # the guidance input learned
     assert not torch.equal(trained["conv_out.weight"], initial["conv_out.weight"])
-    log = [json.loads(line) for line in (teacher.parent / "fast.runs" / "distill" / "log.jsonl").read_text().splitlines()]
+    log_path = teacher.parent / "fast.runs" / "distill" / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert log[-1]["step"] == 4 and np.isfinite(log[-1]["loss"])
     facts = json.loads((distilled / "training.json").read_text())
     assert facts["kind"] == "lcm" and facts["steps"] == 4 and facts["teacher"] == str(teacher)

@@ -250,7 +250,8 @@ def test_denoiser_with_step_embeddings_made_ahead_equals_the_diffusers_unet(mode
     variants = [unet] + [UNet2DConditionModel.from_config({**unet.config, **change}).eval() for change in
                          ({"addition_embed_type": "text", "addition_embed_type_num_heads": 2},
                           {"center_input_sample": True},
-                          {"addition_embed_type": "text", "addition_embed_type_num_heads": 2, "time_cond_proj_dim": 16})]
+                          {"addition_embed_type": "text", "addition_embed_type_num_heads": 2,
+                           "time_cond_proj_dim": 16})]
     with torch.no_grad():
         for model in variants:
             denoiser = Denoiser(model)

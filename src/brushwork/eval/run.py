@@ -333,8 +333,8 @@ def evaluate(config: EvalConfig) -> dict:
                 point_metrics, _, _ = (values, None, None) if sweep_images is images else quality_metrics(sweep_images, ref)
                 points.append({"value": value, "metrics": {**point_metrics, "seconds_per_image": sweep_seconds}})
             sweeps[key] = points
-        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps, "layout": layout,
-                        "metrics": values,
+        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps,
+                        "layout": layout, "metrics": values,
                         "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps})
         del pipe, cache
 

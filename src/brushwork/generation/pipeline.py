@@ -78,7 +78,8 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
                                  "empty prompt: it has no negative prompt")
         most = model.scheduler_config.get("original_inference_steps")
         if model.few_step and most and steps > most:
-            raise BrushworkError(f"{self.name} takes at most {most} steps (its distillation's solver grid); got {steps}")
+            raise BrushworkError(f"{self.name} takes at most {most} steps (its distillation's solver grid); got "
+                                 f"{steps}")
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float = 5.0,

@@ -21,7 +21,8 @@ SAMPLERS = {
 }
 DEFAULT_SAMPLER = "dpm++"
 # AUTOMATIC1111's sampler names, written into PNG info and accepted back.
-A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "lcm": "LCM"}
+A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                       "lcm": "LCM"}
 _SAMPLER_ALIASES = {
     **{a1111.lower(): name for name, a1111 in A1111_SAMPLER_NAMES.items()},
     "dpm++2m": "dpm++", "dpmpp_2m": "dpm++", "dpmsolver++": "dpm++", "dpm": "dpm++",

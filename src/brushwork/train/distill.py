@@ -105,7 +105,7 @@ def lcm_scheduler(scheduler_config: dict, solver_steps: int) -> LCMScheduler:
 
 def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                  prediction_type: str) -> torch.Tensor:
-    """x̂₀ from a UNet output at x_t = α_t x₀ + σ_t ε: ε-prediction (x_t - σ_t ε̂) / α_t, v-prediction α_t x_t - σ_t v̂."""
+    """x̂₀ from a UNet output at x_t = α_t x₀ + σ_t ε: (x_t - σ_t ε̂) / α_t for ε-prediction, α_t x_t - σ_t v̂ for v."""
     if prediction_type == "epsilon":
         return (x_t - sigma_t * output) / alpha_t
     return alpha_t * x_t - sigma_t * output
@@ -132,7 +132,6 @@ class DistillStage(LatentTextStage):
         self.teacher = teacher.unet
         self.teacher_hash = teacher_hash
         self.student = student
-        self.scheduler_config = teacher.scheduler_config
         self.prediction_type = teacher.scheduler_config["prediction_type"]
         self.noise_scheduler = DDPMScheduler.from_config(teacher.scheduler_config)
         self.lcm_scheduler = lcm_scheduler(teacher.scheduler_config, solver_steps)
@@ -162,7 +161,7 @@ class DistillStage(LatentTextStage):
     @torch.no_grad()
     def teacher_ddim_step(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, text: torch.Tensor,
                           w: torch.Tensor) -> torch.Tensor:
-        """x_s = α_s x̂₀ʷ + σ_s ε̂ʷ: one DDIM step of the teacher from t to s, guided at w (cond + w (cond - uncond))."""
+        """x_s = α_s x̂₀ʷ + σ_s ε̂ʷ: one DDIM step of the teacher from t to s, guided at w: cond + w (cond - uncond)."""
         self.teacher.to(x_t.device)
         empty = self.text_embeddings([""], x_t.device).expand_as(text)
         output = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([empty, text]))
@@ -184,7 +183,8 @@ class DistillStage(LatentTextStage):
         t = self.solver_timesteps.to(device)[n]      # t_{n+k}: where the student starts
         s = (t - self.k).clamp(min=0)                # t_n: one solver step nearer the data, where the target is
         x_t = self.noise_scheduler.add_noise(x0, _randn(x0.shape, generator, device), t)
-        w = (self.w_min + (self.w_max - self.w_min) * torch.rand(batch_size, generator=generator, device=draw)).to(device)
+        u = torch.rand(batch_size, generator=generator, device=draw).to(device)
+        w = self.w_min + (self.w_max - self.w_min) * u             # w ~ U[w_min, w_max]
         w_embedding = guidance_embedding(w, W_EMBEDDING_DIM)
         text = self.text_embeddings(batch["text"], device)
 
@@ -256,7 +256,8 @@ def _check(config: DistillConfig) -> None:
     if config.steps < 1 or not config.lr > 0 or config.huber_c <= 0:
         raise BrushworkError("--steps must be at least 1, and --lr and --huber-c above 0.")
     if not 0 <= config.w_min <= config.w_max:
-        raise BrushworkError(f"the guidance range needs 0 <= --w-min <= --w-max, got {config.w_min} and {config.w_max}.")
+        raise BrushworkError(f"the guidance range needs 0 <= --w-min <= --w-max, got {config.w_min} and "
+                             f"{config.w_max}.")
     if not 0 < config.target_decay < 1:
         raise BrushworkError(f"--target-decay must be between 0 and 1, got {config.target_decay}.")
     check_report_to(config.report_to)
