@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from sd_tiny import build_tiny_lcm, build_tiny_sd
+from sd_tiny import add_tiny_clip, build_tiny_lcm, build_tiny_sd
 from typer.testing import CliRunner
 
 from brushwork.cli import app
@@ -170,6 +170,16 @@ def test_a_shipped_few_step_model_is_found_by_name(fast, tmp_path, monkeypatch):
     pipe = BrushworkPipeline.from_pretrained("shapes-fast", device="cpu", dtype=torch.float32)
     assert pipe.path == tmp_path / "models" / "shapes-fast"
     assert pipe.few_step and pipe.resolve_steps(None) == 4 and pipe.default_sampler == "lcm"
+
+
+def test_eval_takes_a_few_step_model_at_its_own_steps(fast, tmp_path):
+    model = add_tiny_clip(shutil.copytree(fast, tmp_path / "fast"))
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", "--model", str(model), "--data", "shapes", "--n", "2", "--per-prompt", "1",
+                                 "--batch-sizes", "", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"][0]["steps"] == 4 and report["models"][0]["metrics"]["seconds_per_image"] > 0
 
 
 @pytest.mark.slow

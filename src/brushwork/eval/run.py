@@ -247,7 +247,7 @@ def evaluate(config: EvalConfig) -> dict:
     if config.n < 1 or config.per_prompt < 1:
         raise BrushworkError(f"--n and --per-prompt must be at least 1 (got {config.n} and {config.per_prompt})")
     # Settings are checked before any work, so a bad sweep value does not fail after an hour of sampling.
-    for steps in [config.steps or 1] + config.sweeps.get("steps", []):
+    for steps in [1 if config.steps is None else config.steps] + config.sweeps.get("steps", []):
         if steps < 1:
             raise BrushworkError(f"steps must be at least 1, got {steps}")
     for guidance in [config.guidance] + config.sweeps.get("guidance", []):
