@@ -133,7 +133,8 @@ def main() -> None:
         pipe = BrushworkPipeline.from_pretrained(model, device="cpu", dtype=torch.float32, threads=args.threads)
         step_counts = [1] if pipe.resolve_steps(None) == 1 else [int(s) for s in args.steps.split(",")]
         pipe(["warm up"], num_inference_steps=step_counts[0], seed=0)
-        config = ServeConfig(watermark=args.watermark)
+        # live mode refuses fewer steps than the server's default to a model that is not few-step
+        config = ServeConfig(watermark=args.watermark, default_steps=min(step_counts))
         with Server(pipe, config) as server:
             url = server.url.replace("http", "ws") + "/v1/live"
             for steps in step_counts:

@@ -4,14 +4,16 @@ build_tiny_sd() writes a diffusers StableDiffusionPipeline folder shaped like SD
 encoder, conv attention projections, epsilon) or SD 2.x ("v2": OpenCLIP-style text encoder, linear
 projections, v-prediction). to_original_checkpoint() turns such a folder into the original CompVis/LDM
 single-file key layout, the inverse of diffusers' single-file converters. add_tiny_clip() puts a random tiny
-brushwork CLIP beside a folder's model.
+brushwork CLIP beside a folder's model. build_tiny_lcm() makes build_tiny_sd's model a few-step one, laid out as
+`brushwork train distill` writes it.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from brushwork.generation.single_file import CLIP_TOKENIZER_DIR
@@ -109,6 +111,22 @@ def add_tiny_clip(path: Path) -> Path:
     torch.manual_seed(0)
     build_clip(get_size("tiny"), len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(
         path / "clip")
+    return path
+
+
+def build_tiny_lcm(path: Path, version: str = "v1") -> Path:
+    """build_tiny_sd's model with the student UNet and LCMScheduler of `brushwork train distill`, untrained: its
+    guidance projection is random (not zero, as distillation starts it), so that the guidance changes the image."""
+    from brushwork.train.distill import lcm_scheduler, student_unet
+
+    sd = StableDiffusionPipeline.from_pretrained(build_tiny_sd(path, version))
+    unet = student_unet(sd.unet)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        unet.time_embedding.cond_proj.weight.normal_(0.0, 0.1)
+    LatentConsistencyModelPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                                   scheduler=lcm_scheduler(dict(sd.scheduler.config), 50), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
     return path
 
 

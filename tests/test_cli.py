@@ -20,8 +20,8 @@ def test_help_shows_the_defaults_of_options_that_default_to_none():
     result = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
     lines = {line.split()[1]: line for line in result.output.splitlines() if line.strip("│ ").startswith("--")}
-    assert "[default: (1)]" in lines["--num-images"] and "[default: (20)]" in lines["--steps"]
-    assert "[default: (dpm++)]" in lines["--sampler"] and "[default: 4]" in lines["--batch-size"]
+    assert "[default: (1)]" in lines["--num-images"] and "[default: (20; 4 for a few-step model)]" in lines["--steps"]
+    assert "[default: (dpm++; lcm for a few-step model)]" in lines["--sampler"] and "[default: 4]" in lines["--batch-size"]
 
 
 def test_the_cli_imports_no_torch_diffusers_or_transformers():

@@ -245,18 +245,23 @@ def test_denoiser_with_step_embeddings_made_ahead_equals_the_diffusers_unet(mode
     unet = BrushworkPipeline.from_pretrained(model_dir, dtype=torch.float32).model.unet
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
     timesteps = torch.tensor([999, 500, 3])
-    # the tests' SD-style UNet, one with the shipped models' pooled-text embedding, one that centres its input
+    # the tests' SD-style UNet, one with the shipped models' pooled-text embedding, one that centres its input, and
+    # a few-step model's, which takes a guidance embedding per image (time_cond_proj_dim) beside the pooled text
     variants = [unet] + [UNet2DConditionModel.from_config({**unet.config, **change}).eval() for change in
                          ({"addition_embed_type": "text", "addition_embed_type_num_heads": 2},
-                          {"center_input_sample": True})]
+                          {"center_input_sample": True},
+                          {"addition_embed_type": "text", "addition_embed_type_num_heads": 2,
+                           "time_cond_proj_dim": 16})]
     with torch.no_grad():
         for model in variants:
             denoiser = Denoiser(model)
-            embeddings = denoiser.step_embeddings(timesteps, text)
+            guidance = torch.randn(2, 16) if model.config.time_cond_proj_dim else None
+            embeddings = denoiser.step_embeddings(timesteps, text, guidance)
             for side in (8, 6):  # 6: the up blocks need their output sizes passed, as diffusers does
                 sample = torch.randn(2, 4, side, side)
                 for i, t in enumerate(timesteps):
-                    expected = model(sample, t, encoder_hidden_states=text, return_dict=False)[0]
+                    expected = model(sample, t, encoder_hidden_states=text, timestep_cond=guidance,
+                                     return_dict=False)[0]
                     actual = denoiser(sample, embeddings[i], text, *denoiser.text_kv(text))
                     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 

@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from sd_tiny import build_tiny_sd
+from sd_tiny import build_tiny_lcm, build_tiny_sd
 from serve_helpers import GatedPipe, wait_until
 from starlette.websockets import WebSocketDisconnect
 
@@ -40,7 +40,7 @@ class RecordingPipe(GatedPipe):
 
 
 def client_for(pipe, **settings) -> TestClient:
-    config = ServeConfig(**{"default_steps": 20, "live_steps": STEPS, "watermark": False, **settings})
+    config = ServeConfig(**{"default_steps": STEPS, "watermark": False, **settings})
     return TestClient(create_app(pipe, config))
 
 
@@ -56,17 +56,41 @@ def test_frame_schema_and_pixels(pipe):
         assert client.get("/v1/info").json()["defaults"]["live_steps"] == STEPS
         ws.send_json({"prompt": "a red circle", "seed": 7, "model": "tiny"})
         frame = ws.receive_json()
-        assert set(frame) == {"prompt", "seed", "image", "ms", "warning"}
+        assert set(frame) == {"prompt", "seed", "image", "ms"}
         assert (frame["prompt"], frame["seed"]) == ("a red circle", 7)
-        assert "not a few-step model" in frame["warning"]
         assert 0 < frame["ms"] < 20_000
         image = PIL.Image.open(io.BytesIO(base64.b64decode(frame["image"])))
         assert image.format == "PNG" and image.size == (pipe.default_size, pipe.default_size)
         direct = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=5.0, seed=7).images[0]
         assert np.abs(np.asarray(image.convert("RGB")).astype(int) - np.asarray(direct).astype(int)).max() <= 1
 
-        ws.send_json({"prompt": "a red circle", "seed": 7, "steps": 20})  # the model's own steps: no warning
-        assert "warning" not in ws.receive_json()
+
+
+def test_fewer_steps_than_a_diffusion_model_is_made_for_are_refused(pipe):
+    with client_for(pipe, default_steps=20) as client, client.websocket_connect("/v1/live") as ws:
+        assert client.get("/v1/info").json()["defaults"]["live_steps"] == 20
+        ws.send_json({"prompt": "a red circle", "seed": 7, "steps": 4})
+        error = ws.receive_json()["error"]
+        assert error["param"] == "steps" and "not a few-step model" in error["message"]
+        assert "brushwork train distill" in error["message"]
+        ws.send_json({"prompt": "a red circle", "seed": 7, "steps": 20})   # its own steps: rendered
+        assert "image" in ws.receive_json()
+
+
+def test_a_few_step_model_renders_its_few_steps_by_default_and_fewer_on_request(tmp_path):
+    fast = BrushworkPipeline.from_pretrained(build_tiny_lcm(tmp_path / "fast"), device="cpu", dtype=torch.float32)
+    with client_for(fast, default_steps=20) as client, client.websocket_connect("/v1/live") as ws:
+        assert client.get("/v1/info").json()["defaults"]["live_steps"] == 4
+        for steps in (None, 1):
+            ws.send_json({"prompt": "a red circle", "seed": 7} | ({"steps": steps} if steps else {}))
+            frame = ws.receive_json()
+            image = np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(frame["image"]))).convert("RGB"))
+            direct = fast("a red circle", num_inference_steps=steps or 4, guidance_scale=5.0, seed=7).images[0]
+            assert np.abs(image.astype(int) - np.asarray(direct).astype(int)).max() <= 1
+        for field, value, message in (("negative_prompt", "blue", "no negative prompt"),
+                                      ("sampler", "dpm++", "samples with lcm only")):
+            response = client.post("/v1/generate", json={"prompt": "a red circle", field: value})
+            assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
 def test_latest_wins_stale_messages_are_never_rendered(pipe):

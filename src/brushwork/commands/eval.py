@@ -25,7 +25,7 @@ def evaluate(
     n: Annotated[int, typer.Option(help="Prompts per task (shapes) or prompts drawn from the data set.")] = 64,
     per_prompt: Annotated[int, typer.Option(help="Images per prompt (2+ for intra-prompt diversity).")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for report.html, report.json, grids and plots.")] = Path("eval"),
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps [default: each model's own: 20, 4 for a few-step model].")] = None,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.0,
     sampler: Annotated[str | None, typer.Option(help="Sampler name (default: the pipeline's).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed: image j of prompt i uses seed + i*per_prompt + j.")] = 0,

@@ -75,9 +75,9 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
     num_images: Annotated[Optional[int], typer.Option("-n", "--num-images", help="Images per prompt.", show_default="1")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image (image k uses seed + k); -1 or none: random (the PNG records the seed used).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampling steps.", show_default="20")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps.", show_default="20; 4 for a few-step model")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; <= 1 turns it off.", show_default="5")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun (or AUTOMATIC1111 names).", show_default="dpm++")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="dpm++, ddim, euler, euler_a, heun, lcm (few-step models) or AUTOMATIC1111 names.", show_default="dpm++; lcm for a few-step model")] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model folder, SD .safetensors file or shipped model name (shapes, shapes-gan, emoji).", show_default="shapes")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or mps.", show_default="best available")] = None,
@@ -135,7 +135,8 @@ def generate(
     num_images = pick(num_images, "num_images", 1)
     steps = pick(steps, "steps", None)  # None: the pipeline's default (a GAN takes none)
     guidance = pick(guidance, "cfg_scale", 5.0)
-    sampler = resolve_sampler(pick(sampler, "sampler", "dpm++"))
+    sampler = pick(sampler, "sampler", None)
+    sampler = None if sampler is None else resolve_sampler(sampler)  # None: the model's (lcm for a few-step one)
     negative = pick(negative, "negative_prompt", "")
     height, width = pick(height, "height", None), pick(width, "width", None)
     seed = pick(seed, "seed", None)

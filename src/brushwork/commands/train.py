@@ -11,11 +11,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from brushwork.train.options import STAGES, GanTrainConfig, RecipeConfig, option_fields, read_config_file
+from brushwork.train.options import STAGES, DistillConfig, GanTrainConfig, RecipeConfig, option_fields, read_config_file
 
 app = typer.Typer(
     help="Train a text-to-image model on an image-caption data set: the whole recipe, or one stage "
-    "(clip, vae, unet) into an existing model folder.",
+    "(clip, vae, unet) into an existing model folder; a GAN; or distil a diffusion model into a few-step one.",
     no_args_is_help=True,
     invoke_without_command=True,
 )
@@ -276,3 +276,43 @@ def gan(
 
     folder = train_gan(_config(ctx, GanTrainConfig, config_file, **renamed))
     console.print(f"trained a GAN into {folder}")
+
+
+@app.command()
+def distill(
+    ctx: typer.Context,
+    config_file: Path | None = config_file_option(),
+    teacher: str | None = cli_option(DistillConfig, "teacher"),
+    out: Path | None = cli_option(DistillConfig, "out"),
+    data: str | None = cli_option(DistillConfig, "data", help="Data whose images are noised for the teacher "
+                                  "(default: the teacher's, from its training.json)."),
+    split: str | None = cli_option(DistillConfig, "split"),
+    image_column: str | None = cli_option(DistillConfig, "image_column"),
+    caption_column: str | None = cli_option(DistillConfig, "caption_column"),
+    n: int | None = cli_option(DistillConfig, "n", help="Use this many items (default: the teacher's n with its "
+                               "data, else the data set's)."),
+    steps: int = cli_option(DistillConfig, "steps"),
+    batch_size: int | None = cli_option(DistillConfig, "batch_size", help="Images per step (default 32)."),
+    lr: float = cli_option(DistillConfig, "lr"),
+    w_min: float = cli_option(DistillConfig, "w_min"),
+    w_max: float = cli_option(DistillConfig, "w_max"),
+    solver_steps: int = cli_option(DistillConfig, "solver_steps"),
+    huber_c: float = cli_option(DistillConfig, "huber_c"),
+    target_decay: float = cli_option(DistillConfig, "target_decay"),
+    ema_decay: float = cli_option(DistillConfig, "ema_decay"),
+    work: Path | None = cli_option(DistillConfig, "work"),
+    resume: bool = cli_option(DistillConfig, "resume"),
+    seed: int = cli_option(DistillConfig, "seed"),
+    mixed_precision: str = cli_option(DistillConfig, "mixed_precision"),
+    checkpoint_every: int = cli_option(DistillConfig, "checkpoint_every"),
+    sample_every: int = cli_option(DistillConfig, "sample_every"),
+    num_workers: int = cli_option(DistillConfig, "num_workers"),
+    max_minutes: float | None = cli_option(DistillConfig, "max_minutes"),
+    report_to: str = cli_option(DistillConfig, "report_to"),
+) -> None:
+    """Distil a diffusion model (the teacher) into a few-step one by latent consistency distillation: writes a
+    LatentConsistencyModelPipeline folder to OUT (brushwork generate --model OUT --steps 4)."""
+    from brushwork.train.distill import train_distill
+
+    folder = train_distill(_config(ctx, DistillConfig, config_file))
+    console.print(f"distilled {ctx.params['teacher']} into {folder}")

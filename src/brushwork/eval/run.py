@@ -50,7 +50,7 @@ class EvalConfig:
     data: str = "shapes"
     n: int = 64                         # prompts per task (shapes) or prompts from the data set
     per_prompt: int = 2                 # images per prompt (>= 2 for intra-prompt diversity)
-    steps: int = 20
+    steps: int | None = None            # None: each model's own (20; 4 for a few-step model)
     guidance: float = 5.0
     sampler: str | None = None
     seed: int = 0
@@ -247,7 +247,7 @@ def evaluate(config: EvalConfig) -> dict:
     if config.n < 1 or config.per_prompt < 1:
         raise BrushworkError(f"--n and --per-prompt must be at least 1 (got {config.n} and {config.per_prompt})")
     # Settings are checked before any work, so a bad sweep value does not fail after an hour of sampling.
-    for steps in [config.steps] + config.sweeps.get("steps", []):
+    for steps in [1 if config.steps is None else config.steps] + config.sweeps.get("steps", []):
         if steps < 1:
             raise BrushworkError(f"steps must be at least 1, got {steps}")
     for guidance in [config.guidance] + config.sweeps.get("guidance", []):
@@ -309,7 +309,8 @@ def evaluate(config: EvalConfig) -> dict:
                                              config.seed, label, layout, config.best_of)
             return cache[key]
 
-        images, seconds = run_setting(config.steps, config.guidance, config.sampler)
+        steps = pipe.resolve_steps(config.steps)
+        images, seconds = run_setting(steps, config.guidance, config.sampler)
         values, faithfulness, passed = quality_metrics(images, ref)
         values["seconds_per_image"] = seconds
         grid_path = f"grid_{index}.png"
@@ -319,7 +320,7 @@ def evaluate(config: EvalConfig) -> dict:
         speed_result = None
         if config.batch_sizes:
             speed_result = speed.measure_speed(
-                lambda b: pipe([prompts[0]] * b, num_inference_steps=config.steps, guidance_scale=config.guidance,
+                lambda b: pipe([prompts[0]] * b, num_inference_steps=steps, guidance_scale=config.guidance,
                                seed=config.seed, sampler=config.sampler, best_of=config.best_of),
                 config.batch_sizes, config.speed_repeats, device, pipe.dtype, label=f"{name}: speed")
 
@@ -327,13 +328,13 @@ def evaluate(config: EvalConfig) -> dict:
         for key, sweep_values in config.sweeps.items():
             points = []
             for value in sweep_values:
-                setting = {"steps": config.steps, "guidance": config.guidance, "sampler": config.sampler, key: value}
+                setting = {"steps": steps, "guidance": config.guidance, "sampler": config.sampler, key: value}
                 sweep_images, sweep_seconds = run_setting(setting["steps"], setting["guidance"], setting["sampler"])
                 point_metrics, _, _ = (values, None, None) if sweep_images is images else quality_metrics(sweep_images, ref)
                 points.append({"value": value, "metrics": {**point_metrics, "seconds_per_image": sweep_seconds}})
             sweeps[key] = points
-        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "layout": layout,
-                        "metrics": values,
+        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps,
+                        "layout": layout, "metrics": values,
                         "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps})
         del pipe, cache
 

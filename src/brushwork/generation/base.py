@@ -15,13 +15,14 @@ from brushwork.errors import BrushworkError
 from brushwork.generation.best_of import MAX_BEST_OF, clip_similarity
 from brushwork.generation.output import GenerationOutput, convert_images
 from brushwork.generation.registry import resolve_model, weights_hash
-from brushwork.generation.samplers import resolve_sampler
+from brushwork.generation.samplers import DEFAULT_SAMPLER, resolve_sampler
 from brushwork.hardware import cpu_has_native_bf16
 from brushwork.models.clip_embedder import ClipEmbedder
 
 MAX_IMAGES = 64
 MAX_SIDE = 2048
 DEFAULT_STEPS = 20
+FEW_STEPS = 4  # the default steps of a few-step (distilled) model
 
 
 def default_device() -> torch.device:
@@ -68,6 +69,7 @@ class Text2ImagePipeline:
     """Loads a model and turns prompts into images. Reuse one pipeline for many calls."""
 
     supports_layout = False  # whether __call__ takes layout=True
+    default_sampler = DEFAULT_SAMPLER  # the sampler of a call that names none
     size_multiple = 1  # image sides must be multiples of this
 
     def __init__(self, model, path: Path, device: torch.device, dtype: torch.dtype, threads: int | None = None):
@@ -125,6 +127,15 @@ class Text2ImagePipeline:
         """The sampling steps a call with `requested` steps (None: `default`) takes."""
         return default if requested is None else requested
 
+    def check_model_inputs(self, sampler: str, negative_prompts: list[str], steps: int) -> None:
+        """BrushworkError for a sampler, negative prompt or step count this model cannot take (none here)."""
+
+    @property
+    def few_step(self) -> bool:
+        """Whether the model is made to sample in a few steps (a GAN, a distilled diffusion model); the images of
+        other diffusion models degrade below their default steps."""
+        return True
+
     def preview_images(self, latents: torch.Tensor) -> list:
         """PIL images of what the latents that callback_on_step_end was given would decode to now."""
         raise NotImplementedError(f"{type(self).__name__} gives its step callbacks no latents")
@@ -179,7 +190,7 @@ class Text2ImagePipeline:
             negatives = [""] * len(prompts)
         else:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        sampler = resolve_sampler(sampler)
+        sampler = resolve_sampler(sampler, self.default_sampler)
         height = height or self.default_size
         width = width or self.default_size
         if output_type not in ("pil", "np", "pt"):

@@ -3,7 +3,7 @@
 from typing import Callable
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -12,6 +12,14 @@ from brushwork.hardware import CompiledModule
 
 # (model input, step index, timestep) -> the UNet's prediction, for one call's text and timesteps
 UNetStep = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """[len(w), dim]: the embedding of the guidance w (= guidance scale - 1) that a few-step (distilled) UNet takes
+    as `timestep_cond`. diffusers' LatentConsistencyModelPipeline's own (a method that uses nothing of its
+    pipeline), so that training, brushwork's sampling and diffusers' give the same numbers."""
+    embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=dim)
+    return embedding.to(w.device)   # it makes its frequencies on the CPU
 
 
 class LatentDecoder(torch.nn.Module):
@@ -39,6 +47,10 @@ class DiffusionModel:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.scheduler_config = dict(scheduler_config)
+        # A few-step model (brushwork train distill) samples with LCMScheduler; a UNet with time_cond_proj_dim
+        # takes the guidance scale as an input (one UNet call a step) instead of classifier-free guidance.
+        self.few_step = self.scheduler_config.get("_class_name") == "LCMScheduler"
+        self.guidance_embedded = unet.config.time_cond_proj_dim is not None
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.default_size = unet.config.sample_size * self.vae_scale_factor
         self.max_tokens = tokenizer.model_max_length
@@ -111,15 +123,26 @@ class DiffusionModel:
             self._embedding_cache.update(zip(missing, embeddings))
         return torch.stack([self._embedding_cache[p] for p in prompts])
 
-    def unet_step(self, timesteps: torch.Tensor, text: torch.Tensor) -> UNetStep:
-        """The UNet for one sampling run over `timesteps` with `text`: diffusers' own forward, or once compiled,
-        the compiled fast step with its step embeddings and text keys and values made here, before the loop."""
+    def guidance_condition(self, guidance_scale: float, batch: int) -> torch.Tensor | None:
+        """What a guidance-embedding UNet takes as timestep_cond for `guidance_scale` (w = scale - 1, as diffusers'
+        LatentConsistencyModelPipeline); None for other UNets."""
+        if not self.guidance_embedded:
+            return None
+        w = torch.full((batch,), guidance_scale - 1.0)
+        return guidance_embedding(w, self.unet.config.time_cond_proj_dim).to(self.device, self.unet_dtype)
+
+    def unet_step(self, timesteps: torch.Tensor, text: torch.Tensor,
+                  guidance: torch.Tensor | None = None) -> UNetStep:
+        """The UNet for one sampling run over `timesteps` with `text` (and a few-step model's `guidance`, from
+        guidance_condition): diffusers' own forward, or once compiled, the compiled fast step with its step
+        embeddings and text keys and values made here, before the loop."""
         if self.denoise is None:
             def unet(sample: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
-                return self.unet(sample.to(self.unet_dtype), t, encoder_hidden_states=text, return_dict=False)[0]
+                return self.unet(sample.to(self.unet_dtype), t, encoder_hidden_states=text, timestep_cond=guidance,
+                                 return_dict=False)[0]
             return unet
         text_kv = self.denoiser.text_kv(text)
-        step_embeddings = self.denoiser.step_embeddings(timesteps, text)
+        step_embeddings = self.denoiser.step_embeddings(timesteps, text, guidance)
 
         def compiled_unet(sample: torch.Tensor, index: int, t: torch.Tensor) -> torch.Tensor:
             return self.denoise(sample.to(self.unet_dtype), step_embeddings[index], text, *text_kv)

@@ -115,10 +115,12 @@ class Denoiser(torch.nn.Module):
         # contiguous: compiled code is fixed to its inputs' strides
         return [tensor.contiguous() for attn in self.cross_attentions for tensor in _project_text(attn, text)]
 
-    def step_embeddings(self, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """[steps, B, C]: what the UNet's blocks take as `temb` at each step, for `text` [B, T, D]."""
+    def step_embeddings(self, timesteps: torch.Tensor, text: torch.Tensor,
+                        guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """[steps, B, C]: what the UNet's blocks take as `temb` at each step, for `text` [B, T, D] (and a few-step
+        model's guidance embedding [B, time_cond_proj_dim], which joins the time embedding)."""
         unet = self.unet
-        emb = unet.time_embedding(unet.time_proj(timesteps).to(text.dtype))[:, None]
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(text.dtype)[:, None], guidance)
         added = unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs={})
         emb = (emb + added[None] if added is not None else emb.expand(-1, len(text), -1)).contiguous()
         return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb

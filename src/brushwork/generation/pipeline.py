@@ -11,13 +11,14 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from brushwork.generation import layout_guidance
-from brushwork.generation.base import Text2ImagePipeline, num_threads
+from brushwork.errors import BrushworkError
+from brushwork.generation.base import DEFAULT_STEPS, FEW_STEPS, Text2ImagePipeline, num_threads
 from brushwork.generation.best_of import sample_best_of
 from brushwork.generation.diffusion_model import DiffusionModel, UNetStep
 from brushwork.generation.layout_guidance import NoiseFn
 from brushwork.generation.loading import load_diffusion_model
 from brushwork.generation.output import GenerationCancelled, GenerationOutput, from_model_range, to_pil
-from brushwork.generation.samplers import SAMPLERS, make_scheduler
+from brushwork.generation.samplers import DEFAULT_SAMPLER, SAMPLERS, make_scheduler
 
 
 def classifier_free_guidance(unet: UNetStep, guidance_scale: float) -> NoiseFn:
@@ -36,7 +37,6 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
     """CLIP text encoder, UNet and VAE (a brushwork or Stable Diffusion 1.x/2.x model), any diffusers sampler."""
 
     model: DiffusionModel
-    supports_layout = True
 
     @classmethod
     def load_model(cls, path: Path, allow_pickle: bool = False) -> DiffusionModel:
@@ -45,6 +45,41 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
     @property
     def size_multiple(self) -> int:
         return self.model.vae_scale_factor
+
+    @property
+    def few_step(self) -> bool:
+        return self.model.few_step
+
+    @property
+    def supports_layout(self) -> bool:
+        """Layout guidance steers classifier-free guidance region by region: a UNet that takes its guidance as
+        an input (a few-step model) has none to steer."""
+        return not self.model.guidance_embedded
+
+    @property
+    def default_sampler(self) -> str:
+        return "lcm" if self.model.few_step else DEFAULT_SAMPLER
+
+    def resolve_steps(self, requested: int | None, default: int = DEFAULT_STEPS) -> int:
+        """A few-step model takes FEW_STEPS unless asked for others, whatever the caller's default."""
+        if requested is None and self.model.few_step:
+            return FEW_STEPS
+        return super().resolve_steps(requested, default)
+
+    def check_model_inputs(self, sampler: str, negative_prompts: list[str], steps: int) -> None:
+        """BrushworkError for what a few-step model cannot do (and for its sampler on other models)."""
+        model = self.model
+        if (sampler == "lcm") != model.few_step:
+            raise BrushworkError(f"{self.name} is a few-step model: it samples with lcm only" if model.few_step else
+                                 f"the lcm sampler needs a few-step model (brushwork train distill); {self.name} is "
+                                 "not one: use another sampler")
+        if model.guidance_embedded and any(negative_prompts):
+            raise BrushworkError(f"{self.name} takes its guidance through its UNet (a few-step model), against the "
+                                 "empty prompt: it has no negative prompt")
+        most = model.scheduler_config.get("original_inference_steps")
+        if model.few_step and most and steps > most:
+            raise BrushworkError(f"{self.name} takes at most {most} steps (its distillation's solver grid); got "
+                                 f"{steps}")
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int | None = None, guidance_scale: float = 5.0,
@@ -60,7 +95,8 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
         the single image made with that seed; a list of seeds gives each image its own.
         callback_on_step_end(pipe, step, timestep, {"latents": ...}) may return {"latents": new} to replace them
         or {"cancel": True} to stop (GenerationCancelled).
-        num_inference_steps defaults to 20.
+        num_inference_steps defaults to 20, and the sampler to dpm++; for a few-step model (brushwork train
+        distill) to 4 and lcm, with the guidance given to its UNet (one call a step) and no negative prompt.
         layout: sample prompts of the form "A left of / right of / above / below B" or "two / three / four Xs" with
         layout guidance, which draws A and B where the relation puts them, or each copy apart (brushwork.layout);
         other prompts are sampled as usual.
@@ -72,6 +108,10 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
         self.check_best_of(best_of)
         inputs = self.check_inputs(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, generator, seed, height, width, sampler, output_type)
+        if layout and not self.supports_layout:
+            raise BrushworkError(f"layout guidance steers classifier-free guidance, and {self.name} takes its "
+                                 "guidance through its UNet (a few-step model): sample without layout")
+        self.check_model_inputs(inputs.sampler, inputs.negative_prompts, inputs.num_inference_steps)
         sample_latents = partial(self.sample_latents, num_inference_steps=inputs.num_inference_steps,
                                  guidance_scale=inputs.guidance_scale, sampler=inputs.sampler, height=inputs.height,
                                  width=inputs.width)
@@ -111,7 +151,9 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
         """Final latents of prompts; plans: one layout plan per prompt (layout guidance), or None."""
         scheduler = make_scheduler(sampler, self.model.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
-        text = self.encode_prompt(prompts, negative_prompts, guided=guidance_scale > 1.0)
+        # A few-step model takes the guidance through its UNet: one call a step, no CFG batch.
+        embedded = self.model.guidance_embedded
+        text = self.encode_prompt(prompts, negative_prompts, guided=guidance_scale > 1.0 and not embedded)
         if plans is None:
             begin = 0
             latents = self.prepare_latents(len(prompts), height, width, generators, scheduler)
@@ -120,7 +162,8 @@ class LatentDiffusionPipeline(Text2ImagePipeline):
             latents = layout_guidance.sketch_latents(self.model, scheduler, plans, begin, generators, height, width)
         timesteps = scheduler.timesteps[begin:]
         with self.model.autocast():
-            predict = classifier_free_guidance(self.model.unet_step(timesteps, text), guidance_scale)
+            unet = self.model.unet_step(timesteps, text, self.model.guidance_condition(guidance_scale, len(prompts)))
+            predict = classifier_free_guidance(unet, 1.0 if embedded else guidance_scale)
             if plans is not None:
                 predict = layout_guidance.regional_guidance(
                     self.model, predict, prompts, negative_prompts, plans, guidance_scale, height, width, timesteps,

@@ -6,6 +6,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
 )
 
 from brushwork.errors import BrushworkError
@@ -16,10 +17,12 @@ SAMPLERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "heun": HeunDiscreteScheduler,
+    "lcm": LCMScheduler,  # few-step (consistency-distilled) models only
 }
 DEFAULT_SAMPLER = "dpm++"
 # AUTOMATIC1111's sampler names, written into PNG info and accepted back.
-A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun"}
+A1111_SAMPLER_NAMES = {"dpm++": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                       "lcm": "LCM"}
 # The sampler a one-step GAN's PNGs name: readers of AUTOMATIC1111's text (sd-parsers) skip a PNG without one.
 GAN_SAMPLER = "GAN"
 _SAMPLER_ALIASES = {
@@ -30,10 +33,11 @@ _SAMPLER_ALIASES = {
 }
 
 
-def resolve_sampler(name: str | None) -> str:
-    """Canonical sampler name ("dpm++", "ddim", ...) for a brushwork or AUTOMATIC1111 name."""
+def resolve_sampler(name: str | None, default: str = DEFAULT_SAMPLER) -> str:
+    """Canonical sampler name ("dpm++", "ddim", ...) for a brushwork or AUTOMATIC1111 name; `default` for None (a
+    pipeline's own: "lcm" for a few-step model)."""
     if name is None:
-        return DEFAULT_SAMPLER
+        return default
     key = name.strip().lower()
     key = _SAMPLER_ALIASES.get(key, key)
     if key not in SAMPLERS:

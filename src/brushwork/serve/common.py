@@ -89,7 +89,6 @@ class ServeConfig:
     # loopback server. None: any.
     allowed_hosts: tuple[str, ...] | None = None
     public_url: str | None = None  # base of the URLs in responses; None: the one the request came to
-    live_steps: int = 4  # steps of a live frame that names none
     max_live: int = 16  # open /v1/live connections; more are refused
 
 
@@ -144,7 +143,8 @@ class Service:
         self.check_prompt(prompt)
         self.check_prompt(negative_prompt, "negative_prompt")
         if layout and not self.pipe.supports_layout:
-            raise ApiError(400, "layout guidance needs a diffusion model; this server runs a one-step GAN",
+            raise ApiError(400, f"layout guidance steers classifier-free guidance; {self.pipe.name} has none (a "
+                                "one-step GAN, or a few-step model, whose UNet takes the guidance)",
                            param="layout", type="invalid_request_error", kind="validation")
         if best_of > 1:
             try:
@@ -157,9 +157,13 @@ class Service:
             steps=self.pipe.resolve_steps(steps, self.config.default_steps),
             guidance=guidance if guidance is not None else self.config.default_guidance,
             seed=secrets.randbelow(MAX_SEED + 1) if seed in (None, -1) else seed, n=n,
-            sampler=resolve_sampler(sampler),
+            sampler=resolve_sampler(sampler, self.pipe.default_sampler),
             width=width or self.pipe.default_size, height=height or self.pipe.default_size, layout=layout,
             best_of=best_of)
+        try:
+            self.pipe.check_model_inputs(request.sampler, [negative_prompt], request.steps)
+        except BrushworkError as error:
+            raise ApiError(400, str(error), type="invalid_request_error", kind="validation") from None
         self.check_limits(request, size_param)
         return request
 
@@ -195,16 +199,17 @@ class Service:
                                 "allow", param=field, type="prompt_blocked", kind="blocked")
 
     def live_frame(self, message: LiveRequest, received: float) -> LiveFrame:
-        """A live message checked and filled in. Fewer steps than a diffusion model's default are rendered, with
-        a warning that says the model was not made for them."""
+        """A live message checked and filled in: the model's own steps unless it names others (a few-step model's
+        few, a GAN's one). Fewer steps than the default of a model that is not a few-step one are refused: its
+        images would degrade."""
         self.check_prompt(message.prompt)
         self.check_model(message.model)
-        steps = self.pipe.resolve_steps(message.steps, self.config.live_steps)
-        warning = None
-        if steps < self.default_steps:
-            warning = (f"{self.pipe.name} is not a few-step model: at {steps} steps its images are rougher than at "
-                       f"its {self.default_steps}")
-        return LiveFrame(message.prompt, message.seed, steps, self.config.default_guidance, received, warning)
+        steps = self.pipe.resolve_steps(message.steps, self.default_steps)
+        if steps < self.default_steps and not self.pipe.few_step:
+            raise ApiError(400, f"{self.pipe.name} is not a few-step model: below its {self.default_steps} steps its "
+                                f"images degrade, so {steps} is refused; ask for {self.default_steps} or more, or "
+                                "serve a few-step model (brushwork train distill)", param="steps", kind="validation")
+        return LiveFrame(message.prompt, message.seed, steps, self.config.default_guidance, received)
 
     def submit(self, request: JobRequest, api: str, owner: str) -> Job:
         try:

@@ -87,7 +87,6 @@ class LiveFrame:
     steps: int
     guidance: float
     received: float  # time.monotonic() when the message arrived
-    warning: str | None = None
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,7 @@ def _frame_message(result: LiveResult) -> dict:
     frame = result.frame
     if result.error is not None:
         return {"prompt": frame.prompt, "seed": frame.seed, **error_message(result.error, type="generation_error")}
-    message = {"prompt": frame.prompt, "seed": frame.seed, "image": b64_png(result.png)}
-    if frame.warning:
-        message["warning"] = frame.warning
-    return message
+    return {"prompt": frame.prompt, "seed": frame.seed, "image": b64_png(result.png)}
 
 
 @router.websocket("/v1/live")

@@ -54,7 +54,7 @@ def info(svc: Service = Depends(service)) -> dict:
         "model_hash": svc.pipe.model_hash,
         "default_size": svc.pipe.default_size,
         "defaults": {"steps": svc.default_steps, "guidance": config.default_guidance,
-                     "live_steps": svc.pipe.resolve_steps(None, config.live_steps)},
+                     "live_steps": svc.default_steps},
         "limits": {"steps": schemas.MAX_STEPS, "n": schemas.MAX_IMAGES, "side": svc.max_side, "cost": svc.max_cost,
                    "side_multiple": schemas.SIDE_MULTIPLE, "guidance": schemas.MAX_GUIDANCE,
                    "prompt_chars": schemas.MAX_PROMPT_CHARS, "seed": schemas.MAX_SEED,

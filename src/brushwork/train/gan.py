@@ -49,7 +49,7 @@ from brushwork.models.gan import (Discriminator, Generator, build_discriminator,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
 from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, run
-from brushwork.train.options import LOSSES, GanTrainConfig, runs_folder, settings
+from brushwork.train.options import LOSSES, GanTrainConfig, runs_folder, settings, stop_time
 from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
 from brushwork.train.stages import image_grid
 
@@ -490,11 +490,6 @@ def _init_line(facts: dict) -> str:
     return f", after {before} of {source['checkpoint']}"
 
 
-def _stop_at(started: float, max_minutes: float | None) -> float | None:
-    """When training must stop for the whole command to keep to --max-minutes (a little is left for the export)."""
-    return None if max_minutes is None else started + max_minutes * 60 - min(30.0, 0.05 * max_minutes * 60)
-
-
 def train_gan(config: GanTrainConfig) -> Path:
     """Train G and D on `config.data`, conditioned on the text encoder of `config.text_model`; write the GAN
     folder (config.json, model.safetensors, tokenizer/, text_encoder/, clip/ if present, README.md)."""
@@ -540,7 +535,7 @@ def train_gan(config: GanTrainConfig) -> Path:
         out_dir=run_dir, max_steps=steps, batch_size=batch_size, lr=config.lr, mixed_precision=config.mixed_precision,
         ema_decay=config.ema_decay or None, grad_clip=10.0, checkpoint_every=config.checkpoint_every,
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
-        num_workers=config.num_workers, stop_at=_stop_at(command_started, config.max_minutes),
+        num_workers=config.num_workers, stop_at=stop_time(command_started, config.max_minutes),
         report_to=config.report_to))
     if PartialState().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")

@@ -104,6 +104,7 @@ class Stage(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
     def fingerprint(self) -> dict: ...
     def sample(self, modules: dict[str, nn.Module], step: int) -> Any: ...  # PIL image or None
+    def after_step(self, step: int) -> None: ...  # after optimizer step `step` (1-based), before the EMA update
 
 
 def _close_process_group() -> None:
@@ -153,6 +154,10 @@ class BaseStage(abc.ABC):
 
     def sample(self, modules: dict[str, nn.Module], step: int) -> Any:
         return None
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step number `step` (1-based) in every process, e.g. to move a target network that
+        a module holds (it is checkpointed with the module, so a resumed run goes on exactly)."""
 
 
 @dataclass
@@ -724,6 +729,7 @@ class _Trainer:
                                      for _ in range(config.grad_accum)]
                     self.pending_losses.append(self._train_step(step, micro_batches))
                     step += 1
+                    self.stage.after_step(step)
                     for ema in (self.ema or {}).values():
                         ema.update(step)
                     progress.advance(task)

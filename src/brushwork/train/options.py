@@ -160,6 +160,12 @@ def runs_folder(out: Path) -> Path:
     return out / "runs" if (out / "runs").is_dir() else out.parent / f"{out.name}.runs"
 
 
+def stop_time(started: float, max_minutes: float | None) -> float | None:
+    """When a one-stage command that started at `started` (time.time()) must stop training to keep to --max-minutes
+    (a little is left for writing the model)."""
+    return None if max_minutes is None else started + max_minutes * 60 - min(30.0, 0.05 * max_minutes * 60)
+
+
 def settings(config) -> dict:
     """The options of `config` as JSON values (paths as strings), for training.json."""
     values = {name: getattr(config, name) for name in option_fields(type(config))}
@@ -216,3 +222,21 @@ def _typed(value, kind, where: str):
     if isinstance(value, base) and not (base is not bool and isinstance(value, bool)):
         return value
     raise BrushworkError(f"{where} must be {'a path' if base is Path else base.__name__}, got {value!r}.")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistillConfig(SharedConfig):
+    """The options of `brushwork train distill`."""
+
+    teacher: str | None = option(None, "--model", "-m", help="The teacher: a diffusion model folder, an SD file or a "
+                                 "shipped name such as 'shapes'.")
+    steps: int = option(2000, "--steps", help="Optimizer steps.")
+    lr: float = option(1e-4, "--lr", help="Learning rate (constant after a short warmup).")
+    w_min: float = option(2.0, "--w-min", help="Least guidance w the teacher is distilled at (w = guidance scale - "
+                          "1: 2 is guidance 3); the student samples well at any w from --w-min to --w-max.")
+    w_max: float = option(8.0, "--w-max", help="Greatest guidance w (8 is guidance 9).")
+    solver_steps: int = option(50, "--solver-steps", help="The teacher's DDIM solver grid: each step skips "
+                               "num_train_timesteps / this (20 of 1000 at 50); also the most sampling steps.")
+    huber_c: float = option(0.001, "--huber-c", help="c of the Huber loss √(d² + c²) - c.")
+    target_decay: float = option(0.95, "--target-decay", help="EMA decay of the target network (not of the saved "
+                                 "weights: that is --ema-decay).")

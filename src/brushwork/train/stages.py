@@ -335,41 +335,24 @@ class _LatentDataset(Dataset):
         return {"latents": self.latents[i], "text": self.texts[i]}
 
 
-class UnetStage(BaseStage):
-    """Denoising on VAE latents, conditioned on the frozen text encoder's hidden states.
+class LatentTextStage(BaseStage):
+    """What the stages that train a UNet on latents share (UnetStage, train/distill.py's DistillStage): the frozen
+    text encoder and VAE, and their outputs cached.
 
-    The text encoder and VAE are frozen, so their outputs are cached: latents for the whole data set once
-    up front (when `cache_latents` and the set has at most `max_cached_latents` items; each item is
-    then rendered and encoded once instead of once per epoch), and text embeddings per unique caption as
-    they are first seen (captions repeat). A fraction `caption_dropout` of captions is replaced by the
-    empty caption, which teaches the unconditional prediction that classifier-free guidance needs.
+    Latents for the whole data set are encoded once up front (when `cache_latents` and the set has at most
+    `max_cached_latents` items; each item is then rendered and encoded once instead of once per epoch), and
+    text embeddings per unique caption as they are first seen (captions repeat).
     """
 
-    name = "unet"
-
-    def __init__(self, data: Dataset, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
-                 prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
-                 caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
-                 sample_steps: int = 20, validation_prompts: list[str] | None = None):
+    def __init__(self, data: Dataset, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL,
+                 cache_latents: bool = True, max_cached_latents: int = 200_000):
         self.data = data
-        self.unet = unet
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.vae = vae.requires_grad_(False).eval()
-        self.schedule = noise_schedule(beta_schedule, prediction_type, zero_terminal_snr=zero_terminal_snr)
-        self.noise_scheduler = DDPMScheduler(**self.schedule)
-        self.snr_gamma = snr_gamma
-        self.caption_dropout = caption_dropout
         self.cache_latents = cache_latents and len(data) <= max_cached_latents
-        self.guidance_scale = guidance_scale
-        self.sample_steps = sample_steps
-        self.validation_prompts = validation_prompts  # the sample grids' prompts; None: the first captions
         self._latent_data: Dataset | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet}
 
     def dataset(self) -> Dataset:
         if not self.cache_latents:
@@ -403,6 +386,14 @@ class UnetStage(BaseStage):
         key = "latents" if "latents" in items[0] else "pixel_values"
         return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items]}
 
+    def batch_latents(self, batch: dict) -> torch.Tensor:
+        """The batch's scaled latents in float32: cached, or encoded now."""
+        if "latents" in batch:
+            return batch["latents"].float()
+        with torch.no_grad():
+            self.vae.to(batch["pixel_values"].device)
+            return self._encode_images(batch["pixel_values"]).float()
+
     @torch.no_grad()
     def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
         """Hidden states of the text encoder for each caption, as the pipeline computes them (padded to 77
@@ -418,14 +409,36 @@ class UnetStage(BaseStage):
             self._text_cache.update(zip(missing, hidden))
         return torch.stack([self._text_cache[t] for t in texts])
 
+
+class UnetStage(LatentTextStage):
+    """Denoising on VAE latents, conditioned on the frozen text encoder's hidden states (both cached: see
+    LatentTextStage). A fraction `caption_dropout` of captions is replaced by the empty caption, which teaches the
+    unconditional prediction that classifier-free guidance needs.
+    """
+
+    name = "unet"
+
+    def __init__(self, data: Dataset, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
+                 prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
+                 caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
+                 sample_steps: int = 20, validation_prompts: list[str] | None = None):
+        super().__init__(data, text_encoder, tokenizer, vae, cache_latents, max_cached_latents)
+        self.unet = unet
+        self.schedule = noise_schedule(beta_schedule, prediction_type, zero_terminal_snr=zero_terminal_snr)
+        self.noise_scheduler = DDPMScheduler(**self.schedule)
+        self.snr_gamma = snr_gamma
+        self.caption_dropout = caption_dropout
+        self.guidance_scale = guidance_scale
+        self.sample_steps = sample_steps
+        self.validation_prompts = validation_prompts  # the sample grids' prompts; None: the first captions
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
     def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
         unet = modules["unet"]
-        if "latents" in batch:
-            latents = batch["latents"].float()
-        else:
-            with torch.no_grad():
-                self.vae.to(batch["pixel_values"].device)
-                latents = self._encode_images(batch["pixel_values"]).float()
+        latents = self.batch_latents(batch)
         device, batch_size = latents.device, latents.shape[0]
         noise = _randn(latents.shape, generator, device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),

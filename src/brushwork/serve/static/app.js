@@ -253,7 +253,7 @@ function showLiveFrame(frame) {
     $("live-ms").textContent = `${frame.ms.toFixed(0)} ms to render` +
       (Number.isNaN(total) ? "" : ` · ${total.toFixed(0)} ms from keystroke to screen`);
   }).catch(() => {});
-  say(frame.warning || "");
+  say("");
 }
 
 $("live").addEventListener("change", () => ($("live").checked ? startLive() : stopLive()));
