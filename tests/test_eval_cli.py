@@ -9,7 +9,12 @@ from brushwork.cli import app
 from sd_tiny import add_tiny_clip, build_tiny_sd
 
 runner = CliRunner()
-FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1"]
+FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1", "--train-images", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRUSHWORK_CACHE", str(tmp_path / "cache"))   # the near-copy index of a data set
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,7 @@ def test_position_relation_counts_only_images_whose_objects_are_right():
 def test_eval_with_layout_guidance_records_it_and_samples_a_gan_without_it(tiny_model, tmp_path):
     out = tmp_path / "report"
     result = _run("--model", str(tiny_model), "--model", "shapes-gan", "--data", "shapes", "--n", "1", "--layout",
-                  "--out", str(out), "--steps", "2", "--per-prompt", "1", "--batch-sizes", "")
+                  "--out", str(out), "--steps", "2", "--per-prompt", "1", "--batch-sizes", "", "--train-images", "0")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["layout"] is True

@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from brushwork.data.holdout import HoldOut
 from brushwork.errors import BrushworkError
 
 app = typer.Typer(help="Write, inspect and preview image-caption data sets.", no_args_is_help=True)
@@ -49,6 +50,9 @@ def shapes(
     size: Annotated[int, typer.Option(help="Canvas side in pixels (at least 48).")] = 64,
     tasks: Annotated[str | None, typer.Option(
         help="Task weights, e.g. single=1,two_objects=1,counting=2,position=1 (default: equal).")] = None,
+    hold_out: Annotated[str | None, typer.Option(
+        "--hold-out", help="Combinations to leave out, comma-separated, e.g. \"purple triangle,red square left of "
+        "*,four circles\" (see docs/creativity.md); `eval` scores them apart as unseen.")] = None,
     overwrite: Overwrite = False,
     format: Format = "imagefolder",
 ) -> None:
@@ -57,9 +61,12 @@ def shapes(
         raise BrushworkError(f"--n must be at least 1, got {n}")
     from brushwork.data import io  # torch: only when the command runs
 
+    held_out = HoldOut.parse(hold_out) if hold_out else None
     count = io.write_shapes(out, n, seed=seed, size=size, task_weights=parse_task_weights(tasks),
-                            overwrite=overwrite, format=format)
+                            overwrite=overwrite, format=format, hold_out=held_out)
     console.print(f"wrote {count} shapes images to {out}")
+    if held_out:
+        console.print(f"held out {len(held_out.captions())} captions: {', '.join(held_out.texts)}", highlight=False)
 
 
 @app.command()

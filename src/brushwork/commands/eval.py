@@ -43,6 +43,9 @@ def evaluate(
                                                          "counting prompts each copy apart.")] = False,
     best_of: Annotated[int, typer.Option("--best-of", help="Make each image this many times and keep the one the "
                                                            "model's CLIP finds closest to its prompt.")] = 1,
+    train_images: Annotated[int | None, typer.Option(
+        "--train-images", help="Training images of --data searched for near-copies (default: all; for shapes the "
+                               "draw the model trained on; 0 skips the search).")] = None,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep
@@ -51,7 +54,7 @@ def evaluate(
     config = EvalConfig(models=model, out=out, data=data, n=n, per_prompt=per_prompt, steps=steps, guidance=guidance,
                         sampler=sampler, seed=seed, inception_weights=inception_weights, clip=clip, sweeps=sweeps,
                         batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device,
-                        layout=layout, best_of=best_of)
+                        layout=layout, best_of=best_of, train_images=train_images)
     result = run_evaluation(config)
     console = Console()
     for entry in result["models"]:
@@ -59,5 +62,7 @@ def evaluate(
         line = f"{entry['name']}: FID {values['fid']:.2f}, KID {values['kid_mean']:.4f}, CLIP score {values['clip_score']:.2f}"
         if values.get("faithfulness"):
             line += f", faithfulness {values['faithfulness']['accuracy']:.3f}"
+        if entry["creativity"].get("copies"):
+            line += f", copy rate {entry['creativity']['copies']['copy_rate']:.3f}"
         console.print(line, highlight=False)
     console.print(f"Report: {out / 'report.html'}", highlight=False)

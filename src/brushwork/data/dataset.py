@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from brushwork.data.folder import DataOptions, FolderDataset, LoadReport
+from brushwork.data.holdout import read_hold_out
 from brushwork.data.io import write_emoji
 from brushwork.data.shapes import ShapesDataset
 from brushwork.data.transforms import ImageTransform
@@ -105,13 +106,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 
 def data_facts(data: ImageTextDataset) -> dict:
-    """What training.json records of the data: its layout and split, the usable count and the problems found."""
+    """What training.json records of the data: its layout and split, the usable count, the problems found and the
+    hold-out it was written with (`data shapes --hold-out`)."""
     facts = data.report.to_json()
     source = getattr(data.source, "source", None)   # a FolderDataset's located source
     if source is not None:
         facts["layout"] = source.layout
         if source.split is not None:
             facts["split"] = source.split
+        hold_out = read_hold_out(source.path) if source.path.is_dir() else None
+        if hold_out:
+            facts["hold_out"] = hold_out
     return facts
 
 

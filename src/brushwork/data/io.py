@@ -23,6 +23,7 @@ from brushwork.data import emoji
 from brushwork.data.folder import (
     DataOptions, LoadReport, Record, Source, error_reason, index_source, locate, progress_bar,
 )
+from brushwork.data.holdout import HOLD_OUT_FILE, HoldOut, write_hold_out
 from brushwork.data.shapes import ShapesDataset
 from brushwork.errors import BrushworkError
 
@@ -121,12 +122,15 @@ def _write_shards(items: Iterable[dict], staging: Path, width: int, advance) -> 
 
 def write_shapes(out: str | Path, n: int, seed: int = 0, size: int = 64,
                  task_weights: dict[str, float] | None = None, overwrite: bool = False,
-                 format: str = "imagefolder") -> int:
-    """Render n shapes samples into a data set folder; each metadata row also carries the scene."""
-    dataset = ShapesDataset(n, seed, task_weights, size)
+                 format: str = "imagefolder", hold_out: HoldOut | None = None) -> int:
+    """Render n shapes samples into a data set folder; each metadata row also carries the scene. A hold-out is
+    left out of the samples and recorded in HOLD_OUT_FILE, where `train` finds it."""
+    dataset = ShapesDataset(n, seed, task_weights, size, hold_out)
     items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict()}
              for item in (dataset[i] for i in range(n)))
-    return write_dataset(items, out, total=n, overwrite=overwrite, description="rendering shapes", format=format)
+    extra_files = {HOLD_OUT_FILE: write_hold_out(hold_out)} if hold_out else None
+    return write_dataset(items, out, total=n, overwrite=overwrite, extra_files=extra_files,
+                         description="rendering shapes", format=format)
 
 
 def write_emoji(out: str | Path, size: int = 64, limit: int | None = None,

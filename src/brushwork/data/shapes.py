@@ -37,6 +37,7 @@ from brushwork.data.captions import (
     PromptSpec,
     format_caption,
 )
+from brushwork.data.holdout import HoldOut
 from brushwork.errors import BrushworkError
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -161,14 +162,18 @@ def _layout(spec: PromptSpec, rng: random.Random, size: int) -> tuple[ShapeObjec
     raise RuntimeError(f"could not lay out {spec} on a {size}x{size} canvas")
 
 
-def sample_scene(rng: random.Random, task_weights: dict[str, float] | None = None, size: int = 64) -> Scene:
-    """Samples one scene: a task (by task_weights; default equal), a prompt of that task, and a layout
-    on a size x size canvas (object sizes are the contract's pixel sizes whatever the canvas)."""
+def sample_scene(rng: random.Random, task_weights: dict[str, float] | None = None, size: int = 64,
+                 hold_out: HoldOut | None = None) -> Scene:
+    """Samples one scene: a task (by task_weights; default equal), a prompt of that task that `hold_out` does not
+    cover (drawn again until so), and a layout on a size x size canvas (object sizes are the contract's pixel
+    sizes whatever the canvas)."""
     if size < MIN_CANVAS:
         raise BrushworkError(f"shapes canvas size {size} is too small; use at least {MIN_CANVAS} px "
                              "(render at 64 and resize for smaller images)")
     task = rng.choices(TASKS, weights=_task_weights(task_weights))[0]
     spec = _sample_spec(rng, task)
+    while hold_out is not None and hold_out.covers_spec(spec):   # HoldOut leaves every task some caption
+        spec = _sample_spec(rng, task)
     return Scene(objects=_layout(spec, rng, size), caption=format_caption(spec), task=task)
 
 
@@ -204,16 +209,16 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """n shapes samples made on the fly: item i depends only on (seed, i); nothing is stored."""
+    """n shapes samples made on the fly: item i depends only on (seed, i) (and the hold-out); nothing is stored."""
 
     def __init__(self, n: int = 100_000, seed: int = 0, task_weights: dict[str, float] | None = None,
-                 size: int = 64):
+                 size: int = 64, hold_out: HoldOut | None = None):
         if n < 1:
             raise BrushworkError(f"the shapes data set needs n >= 1 samples, got {n}")
         if size < MIN_CANVAS:
             raise BrushworkError(f"shapes canvas size {size} is too small; use at least {MIN_CANVAS} px")
         _task_weights(task_weights)
-        self.n, self.seed, self.task_weights, self.size = n, seed, task_weights, size
+        self.n, self.seed, self.task_weights, self.size, self.hold_out = n, seed, task_weights, size, hold_out
 
     def __len__(self) -> int:
         return self.n
@@ -222,7 +227,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise IndexError(f"shapes index {i} out of range for {self.n} samples")
         # A string seed is hashed with SHA-512 by random.Random: stable across runs and platforms.
-        return sample_scene(random.Random(f"brushwork-shapes:{self.seed}:{i}"), self.task_weights, self.size)
+        return sample_scene(random.Random(f"brushwork-shapes:{self.seed}:{i}"), self.task_weights, self.size,
+                            self.hold_out)
 
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(i)

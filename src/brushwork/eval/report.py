@@ -97,6 +97,24 @@ def sweep_chart(key: str, points: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def distance_chart(series: dict[str, list[float]], threshold: float, path: Path) -> Path:
+    """Histograms of nearest-training-image distances, one per series, with the copy threshold marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    top = max(max(values, default=0.0) for values in series.values())
+    bins = [top * i / 40 for i in range(41)] if top > 0 else 40
+    for label, values in series.items():
+        ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{label} (n={len(values)})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"copy threshold {threshold:.4f}")
+    ax.set_xlabel("cosine distance to the nearest training image (CLIP image embedding)")
+    ax.set_ylabel("density")
+    ax.set_title("Nearest training image")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _scalar(value) -> float:
     """A metric as one number: faithfulness entries carry their interval; plot the accuracy."""
     if value is None:
@@ -148,6 +166,57 @@ def _speed_rows(models: list[dict]) -> list[list[str]]:
     return rows
 
 
+def _copy_cell(copies: dict | None) -> str:
+    if copies is None:
+        return "—"
+    return f"{copies['copy_rate']:.3f} [{copies['low']:.3f}, {copies['high']:.3f}] ({copies['copies']}/{copies['n']})"
+
+
+def _creativity(report: dict, out_dir: Path) -> list[str]:
+    """The Creativity section: copy rate, distance histogram, seen against held-out faithfulness, closest pairs."""
+    models, search = report["models"], report.get("memorisation")
+    compositions = [m["creativity"].get("compositions") for m in models]
+    if search is None and not any(compositions):
+        return []
+    parts = ["<h2>Creativity</h2>"]
+    trained = []
+    for m in models:
+        facts = m["creativity"]
+        line = f"{m['name']}: {facts['trained_on'] or 'unknown (no training.json)'}"
+        trained.append(line + (f", holding out {', '.join(facts['hold_out'])}" if facts["hold_out"] else ""))
+    parts.append(f"<p>Trained on: {html.escape('; '.join(trained))}.</p>")
+    if search is not None:
+        calibration = search["calibration"]
+        parts.append(
+            f"<h3>Near-copies of training images</h3><p>Each generated image's nearest training images among the "
+            f"{search['n_train']:,} of <b>{html.escape(search['data'])}</b> ({html.escape(search['search'])}, on "
+            f"unit CLIP image embeddings), confirmed in pixels against the {search['candidates']} nearest "
+            f"({search['pixel_side']}px, RMS). A near-copy is closer than {1 - calibration['quantile']:.0%} of the "
+            f"training set's own images are to their nearest other one, in both: cosine distance ≤ "
+            f"{calibration['embedding_threshold']:.4f} and pixel RMS ≤ {calibration['pixel_threshold']:.4f} "
+            f"(from {calibration['n']} training images). Fresh samples of the data's distribution score about "
+            f"{calibration['quantile']:.0%} or less.</p>")
+        rows = [[m["name"], _copy_cell(m["creativity"].get("copies"))] for m in models]
+        if search.get("fresh_data"):
+            rows.append(["fresh shapes scenes (reference, never trained on)", _copy_cell(search["fresh_data"])])
+        parts.append(_table(["images", "copy rate [95% CI] (copies/n)"], rows))
+        parts.append(_image_tag(out_dir / report["figures"]["copy_distances"], "nearest training image distances"))
+    if any(compositions):
+        tasks = list(dict.fromkeys(task for c in compositions if c for task in c))
+        rows = [[task] + [_format(c[task]["seen"], "") + f" (n={c[task]['seen']['n']}) / "
+                          + _format(c[task]["held_out"], "") + f" (n={c[task]['held_out']['n']})"
+                          if c and task in c else "—" for c in compositions] for task in tasks]
+        parts.append("<h3>Seen against held-out combinations</h3><p>Faithfulness (exact shapes checker, 95% "
+                     "intervals) on prompts seen in training / prompts the model's hold-out kept from it.</p>"
+                     + _table(["task"] + [m["name"] for m in models], rows))
+    for m in models:
+        grid = m["creativity"].get("closest_grid")
+        if grid:
+            parts.append(f"<h3>Closest pairs: {html.escape(m['name'])}</h3><p>Generated image, then the training "
+                         "image nearest to it; the nearest first.</p>" + _image_tag(out_dir / grid, "closest pairs"))
+    return parts
+
+
 STYLE = """
 body { font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -194,6 +263,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
         parts.append("<h2>Speed and memory</h2>" + _table(["measure"] + names, speed_rows))
     for key, path in figures.get("sweeps", {}).items():
         parts.append(f"<h2>Sweep: {html.escape(key)}</h2>" + _image_tag(out_dir / path, f"sweep over {key}"))
+    parts += _creativity(report, out_dir)
     parts.append("<h2>Samples</h2><p>Same prompts and seeds for every model.</p>")
     for name, path in zip(names, figures["grids"]):
         parts.append(f"<h3>{html.escape(name)}</h3>" + _image_tag(out_dir / path, f"samples from {name}"))

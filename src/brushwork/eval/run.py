@@ -21,12 +21,12 @@ from brushwork.data.dataset import open_dataset
 from brushwork.data.shapes import TASKS
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
-from brushwork.eval import metrics, report, speed
+from brushwork.eval import creativity, memorisation, metrics, report, speed
 from brushwork.eval.checker import check
 from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
 from brushwork.generation.auto import BrushworkPipeline
 from brushwork.generation.best_of import MAX_BEST_OF
-from brushwork.generation.registry import resolve_model, shipped_models
+from brushwork.generation.registry import resolve_model, shipped_models, weights_hash
 from brushwork.generation.samplers import resolve_sampler
 
 SWEEP_KEYS = {"steps": int, "guidance": float, "sampler": str}
@@ -62,6 +62,7 @@ class EvalConfig:
     device: str | None = None
     layout: bool = False                # layout guidance for position and counting prompts (diffusion models only)
     best_of: int = 1                    # each image the best of this many by the model's CLIP (pipeline's best_of)
+    train_images: int | None = None     # training images searched for near-copies (None: all; 0: no search)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -151,11 +152,7 @@ def _faithfulness(images: list[Image.Image], prompts: list[str], tasks: list[str
     if "position" in groups:
         groups["position_relation"] = [r.ok for r, t in zip(results, tasks) if t == "position" and r.objects_ok]
     groups["overall"] = passed
-    result = {}
-    for task, hits in groups.items():
-        low, high = metrics.wilson_interval(sum(hits), len(hits))
-        result[task] = {"accuracy": sum(hits) / len(hits) if hits else 0.0, "low": low, "high": high, "n": len(hits)}
-    return result, passed
+    return {task: creativity.accuracy(hits) for task, hits in groups.items()}, passed
 
 
 def quality_metrics(images: list[Image.Image], ref: Reference) -> tuple[dict, dict | None, list[bool] | None]:
@@ -234,6 +231,41 @@ def _evaluation_clip(config: EvalConfig) -> tuple[Path, Path]:
     return clip_dir, tokenizer_dir
 
 
+@dataclass
+class CopySearch:
+    """The training set's index, its copy thresholds, and (shapes) fresh scenes' copy rate as the reference."""
+    index: memorisation.TrainingIndex
+    data: str
+    calibration: memorisation.Calibration
+    fresh: dict | None
+
+    def to_json(self) -> dict:
+        fresh = self.fresh and memorisation.copy_summary(self.fresh)
+        return {"data": self.data, "n_train": len(self.index), "index": str(self.index.path),
+                "index_seconds": round(self.index.seconds, 1), "search": memorisation.SEARCH,
+                "candidates": memorisation.CANDIDATES, "pixel_side": memorisation.PIXEL_SIDE,
+                "calibration": self.calibration.to_json(), "fresh_data": fresh}
+
+
+def _copy_search(config: EvalConfig, facts: dict, resolution: int, embedder: ClipEmbedder, clip_dir: Path,
+                 fresh_images: list[Image.Image] | None) -> CopySearch:
+    data = creativity.training_data(config.data, facts, resolution, config.train_images)
+    key = memorisation.index_key(data, weights_hash(clip_dir), resolution)
+    index = memorisation.build_index(data, embedder, key)
+    calibration = memorisation.calibrate(index, config.seed)
+    fresh = fresh_images and memorisation.find_copies(fresh_images, index, calibration, embedder)
+    return CopySearch(index, config.data, calibration, fresh)
+
+
+def _copies(search: CopySearch, images: list[Image.Image], prompts: list[str], embedder: ClipEmbedder,
+            grid_path: Path) -> dict:
+    """A model's copy rate and nearest training images, and the grid of its closest pairs."""
+    found = memorisation.find_copies(images, search.index, search.calibration, embedder)
+    cells, captions, pairs = memorisation.closest_pairs(found, images, prompts, search.index)
+    report.make_grid(cells, captions).save(grid_path)
+    return {"copies": memorisation.copy_summary(found), "closest_pairs": pairs, "closest_grid": grid_path.name}
+
+
 def evaluate(config: EvalConfig) -> dict:
     """Runs the whole evaluation and writes report.html, report.json, grids and plots into config.out."""
     if not config.models:
@@ -255,6 +287,9 @@ def evaluate(config: EvalConfig) -> dict:
             raise BrushworkError(f"guidance must be at least 0, got {guidance}")
     for sampler in [config.sampler] + config.sweeps.get("sampler", []):
         resolve_sampler(sampler)
+    if config.train_images is not None and config.train_images < 0:
+        raise BrushworkError(f"--train-images must be at least 0 (0 skips the near-copy search), got "
+                             f"{config.train_images}")
     if not 1 <= config.best_of <= MAX_BEST_OF:
         raise BrushworkError(f"--best-of must be from 1 to {MAX_BEST_OF}, got {config.best_of}")
     out = Path(config.out)
@@ -271,9 +306,9 @@ def evaluate(config: EvalConfig) -> dict:
         prompts, tasks = _shapes_prompts(config.n, config.seed, notes)
         real_images, _ = _real_images("shapes", len(prompts) * config.per_prompt, pipe.default_size, config.seed)
     else:
-        tasks = None
         real_images, texts = _real_images(config.data, config.n, pipe.default_size, config.seed)
         prompts = list(dict.fromkeys(texts))
+        tasks = creativity.grammar_tasks(prompts)     # a shapes data folder is scored like shapes
     if len(prompts) < 2:
         raise BrushworkError(f"data set {config.data!r} gives {len(prompts)} distinct caption(s); evaluation needs "
                              "at least 2")
@@ -287,6 +322,20 @@ def evaluate(config: EvalConfig) -> dict:
                      "the faithfulness checker does not use CLIP.")
 
     names = _unique_names([Path(p) for p in config.models])
+    facts = [creativity.training_facts(path) for path in config.models]
+    hold_outs = [creativity.model_hold_out(fact) for fact in facts]
+    for name, fact in zip(names, facts):
+        mismatch = creativity.data_mismatch(name, fact, config.data)
+        if mismatch:
+            _warn(notes, mismatch)
+    extra_prompts: list[str] = []
+    if tasks is not None and any(hold_outs):
+        extra_prompts, _ = creativity.held_out_prompts([h for h in hold_outs if h], prompts, config.n, config.seed)
+    search = None
+    if config.train_images != 0:
+        search = _copy_search(config, facts[0], pipe.default_size, embedder, clip_dir,
+                              real_images if config.data == "shapes" else None)
+    image_prompts = [p for p in prompts for _ in range(config.per_prompt)]
     results, grids = [], []
     for index, (path, name) in enumerate(zip(config.models, names)):
         if index > 0:
@@ -333,9 +382,22 @@ def evaluate(config: EvalConfig) -> dict:
                 point_metrics, _, _ = (values, None, None) if sweep_images is images else quality_metrics(sweep_images, ref)
                 points.append({"value": value, "metrics": {**point_metrics, "seconds_per_image": sweep_seconds}})
             sweeps[key] = points
-        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps,
-                        "layout": layout, "metrics": values,
-                        "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps})
+        creative = {"trained_on": facts[index].get("data"), "hold_out": hold_outs[index] and hold_outs[index].texts}
+        if search is not None:
+            creative.update(_copies(search, images, image_prompts, embedder, out / f"closest_{index}.png"))
+        if hold_outs[index] is not None and tasks is not None:
+            own = [p for p in extra_prompts if hold_outs[index].covers(p)]
+            extra_images, _ = generate_images(pipe, own, config.per_prompt, steps, config.guidance,
+                                              config.sampler, config.seed + len(image_prompts), f"{name}: held out",
+                                              layout, config.best_of)
+            own_prompts = [p for p in own for _ in range(config.per_prompt)]
+            extra_passed = [check(image, prompt).ok for image, prompt in zip(extra_images, own_prompts)]
+            creative["compositions"] = creativity.compositions(
+                hold_outs[index], image_prompts + own_prompts, creativity.grammar_tasks(image_prompts + own_prompts),
+                passed + extra_passed)
+        results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps, "layout": layout,
+                        "metrics": values, "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps,
+                        "creativity": creative})
         del pipe, cache
 
     figures: dict = {"grids": grids}
@@ -347,6 +409,14 @@ def evaluate(config: EvalConfig) -> dict:
         for key in config.sweeps:
             figures["sweeps"][key] = f"sweep_{key}.png"
             report.sweep_chart(key, {r["name"]: r["sweeps"][key] for r in results}, out / figures["sweeps"][key])
+
+    if search is not None:
+        figures["copy_distances"] = "copy_distances.png"
+        series = {"training set (own nearest)": search.calibration.train.embedding}
+        if search.fresh is not None:
+            series["fresh shapes scenes"] = search.fresh["nearest_embedding"]
+        series.update({r["name"]: r["creativity"]["copies"]["nearest_embedding"] for r in results})
+        report.distance_chart(series, search.calibration.embedding_threshold, out / figures["copy_distances"])
 
     settings = asdict(config)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}
@@ -368,6 +438,8 @@ def evaluate(config: EvalConfig) -> dict:
         "warnings": notes,
         "models": results,
         "figures": figures,
+        "memorisation": search and search.to_json(),
+        "held_out_prompts": extra_prompts,
     }
     report.write_report(result, out)
     return result

@@ -252,7 +252,7 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     commands = facts.get("commands", [])
     if p.config.command and p.config.command not in commands:
         commands.append(p.config.command)   # a resumed or staged training adds its command to the history
-    facts.update(data=p.config.data, n=len(p.data), data_report=data_facts(p.data), size=p.size.name, resolution=p.size.resolution,
+    facts.update(data=p.config.data, n=len(p.data), seed=p.config.seed, data_report=data_facts(p.data), size=p.size.name, resolution=p.size.resolution,
                  commands=commands, machine=machine_facts(),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
@@ -351,6 +351,8 @@ def data_line(facts: dict) -> str:
     if report.get("skipped"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in report["reasons"].items())
         line += f"; {report['skipped']} skipped ({kinds}; training.json lists them)"
+    if report.get("hold_out"):
+        line += "; held out (never in training): " + ", ".join(f"`{text}`" for text in report["hold_out"])
     return line
 
 
