@@ -122,9 +122,10 @@ def _write_shards(items: Iterable[dict], staging: Path, width: int, advance) -> 
 def write_shapes(out: str | Path, n: int, seed: int = 0, size: int = 64,
                  task_weights: dict[str, float] | None = None, overwrite: bool = False,
                  format: str = "imagefolder") -> int:
-    """Render n shapes samples into a data set folder; each metadata row also carries the scene."""
+    """Render n shapes samples into a data set folder; each metadata row also carries the scene and the objects'
+    regions."""
     dataset = ShapesDataset(n, seed, task_weights, size)
-    items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict()}
+    items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict(), "regions": item["regions"]}
              for item in (dataset[i] for i in range(n)))
     return write_dataset(items, out, total=n, overwrite=overwrite, description="rendering shapes", format=format)
 

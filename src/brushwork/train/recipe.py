@@ -83,6 +83,9 @@ class RecipeConfig(SharedConfig):
         "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
     snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
     caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
+    attention_loss: float = option(
+        0.0, "--attention-loss", help="Weight of the loss that asks each object's words to attend inside its region "
+        "(needs object regions in the data: shapes has them); 0 turns it off.")
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")
@@ -453,10 +456,15 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
         unet = initial_unet(resolve_model(c.init_unet), text_encoder, vae)
         extra["initialized_from"] = _init_facts(c.init_unet)
     # Caching every latent up front pays off when training sees each item at least once.
+    attention_loss = c.attention_loss
+    if attention_loss > 0 and not p.data[0].get("regions"):
+        if _main_process():
+            print(f"{c.data} has no object regions: the UNet trains without the attention loss.")
+        attention_loss = 0.0
     stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
                       prediction_type=c.prediction_type, zero_terminal_snr=c.zero_terminal_snr,
                       snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
-                      cache_latents=steps * p.batch_size >= len(p.data))
+                      cache_latents=steps * p.batch_size >= len(p.data), attention_loss=attention_loss)
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to("cpu"),

@@ -29,6 +29,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from brushwork.data.captions import contradictions_by_kind
 from brushwork.errors import BrushworkError
 from brushwork.generation.output import from_model_range, to_pil
+from brushwork.train.attention_loss import RegionTargets, install_recorder
 from brushwork.train.loop import BaseStage
 
 NUM_VALIDATION = 8
@@ -324,15 +325,16 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
 
 
 class _LatentDataset(Dataset):
-    def __init__(self, latents: torch.Tensor, texts: list[str]):
+    def __init__(self, latents: torch.Tensor, texts: list[str], regions: list[list[dict] | None]):
         self.latents = latents
         self.texts = texts
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latents": self.latents[i], "text": self.texts[i]}
+        return {"latents": self.latents[i], "text": self.texts[i], "regions": self.regions[i]}
 
 
 class UnetStage(BaseStage):
@@ -343,6 +345,8 @@ class UnetStage(BaseStage):
     then rendered and encoded once instead of once per epoch), and text embeddings per unique caption as
     they are first seen (captions repeat). A fraction `caption_dropout` of captions is replaced by the
     empty caption, which teaches the unconditional prediction that classifier-free guidance needs.
+    With `attention_loss` > 0 and object regions in the data, the cross-attention of each object's words is
+    also asked to fall inside its region (train/attention_loss.py).
     """
 
     name = "unet"
@@ -351,7 +355,7 @@ class UnetStage(BaseStage):
                  tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
                  caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
-                 sample_steps: int = 20):
+                 sample_steps: int = 20, attention_loss: float = 0.0):
         self.data = data
         self.unet = unet
         self.text_encoder = text_encoder.requires_grad_(False).eval()
@@ -366,6 +370,8 @@ class UnetStage(BaseStage):
         self.sample_steps = sample_steps
         self._latent_data: Dataset | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
+        self.attention_loss = attention_loss
+        self._recorder = install_recorder(unet) if attention_loss > 0 else None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -381,7 +387,7 @@ class UnetStage(BaseStage):
     def _encode_all(self, batch_size: int = 64) -> Dataset:
         loader = DataLoader(self.data, batch_size=batch_size, collate_fn=lambda items: items)
         self.vae.to(PartialState().device)
-        latents, texts = [], []
+        latents, texts, regions = [], [], []
         with Progress(transient=True) as progress:
             task = progress.add_task("encoding latents", total=len(self.data))
             for items in loader:
@@ -389,8 +395,9 @@ class UnetStage(BaseStage):
                 # fp16 halves the memory of the cache; latents are unit scale, well inside its range.
                 latents.append(self._encode_images(images).half().cpu())
                 texts += [item["text"] for item in items]
+                regions += [item.get("regions") for item in items]
                 progress.advance(task, len(items))
-        return _LatentDataset(torch.cat(latents), texts)
+        return _LatentDataset(torch.cat(latents), texts, regions)
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.vae.parameters()).device
@@ -400,7 +407,8 @@ class UnetStage(BaseStage):
 
     def collate(self, items: list[dict]) -> dict:
         key = "latents" if "latents" in items[0] else "pixel_values"
-        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items]}
+        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items],
+                "regions": [item.get("regions") for item in items]}
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
@@ -438,10 +446,26 @@ class UnetStage(BaseStage):
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, hidden).sample.float()
+        regions = None
+        if self._recorder is not None:
+            regions = RegionTargets(self.tokenizer, texts, batch.get("regions") or [None] * batch_size,
+                                    hidden.shape[1])
+            self._recorder.maps.clear()
+            self._recorder.recording = regions.any()
+        try:
+            prediction = unet(noisy, timesteps, hidden).sample.float()
+        finally:
+            if self._recorder is not None:
+                self._recorder.recording = False
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * self.loss_weights(timesteps)).mean()
-        return loss, {"mse": per_sample.detach().mean()}
+        logs = {"mse": per_sample.detach().mean()}
+        if regions is not None and self._recorder.maps:
+            attention = regions.loss(self._recorder.maps)
+            self._recorder.maps.clear()
+            loss = loss + self.attention_loss * attention
+            logs["attention"] = attention.detach()
+        return loss, logs
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε; for v, min(SNR+1, γ)/(SNR+1), which
@@ -457,6 +481,7 @@ class UnetStage(BaseStage):
     def fingerprint(self) -> dict:
         return {"stage": self.name, "unet": dict(self.unet.config), "schedule": self.schedule,
                 "snr_gamma": self.snr_gamma, "caption_dropout": self.caption_dropout,
+                **({"attention_loss": self.attention_loss} if self.attention_loss else {}),
                 "scaling_factor": self.vae.config.scaling_factor, "data_size": len(self.data)}
 
     def pipeline(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
