@@ -398,3 +398,19 @@ def test_validation_prompts_in_a_config_file(tmp_path):
     path.write_text("validation_prompts: a red circle\n")
     with pytest.raises(BrushworkError, match="must be a list of strings"):
         read_config_file(path, RecipeConfig)
+
+
+def test_attention_loss_uses_shapes_regions_and_says_when_the_data_has_none(tmp_path, photo_folder):
+    out = tmp_path / "m"
+    assert _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2").exit_code == 0
+    assert _train("vae", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2").exit_code == 0
+    result = _train("unet", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2",
+                    "--attention-loss", "0.1")
+    assert result.exit_code == 0 and "trains without the attention loss" in result.output, result.output
+    shapes = tmp_path / "s"
+    assert _train("clip", *TINY, "--out", str(shapes), "--steps", "2").exit_code == 0
+    assert _train("vae", *TINY, "--out", str(shapes), "--steps", "2").exit_code == 0
+    result = _train("unet", *TINY, "--out", str(shapes), "--steps", "2", "--attention-loss", "0.1")
+    assert result.exit_code == 0 and "without the attention loss" not in result.output, result.output
+    logged = json.loads((runs_folder(shapes) / "unet" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0 < logged["attention"] <= 1

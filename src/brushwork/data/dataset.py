@@ -96,7 +96,12 @@ class ImageTextDataset(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         item = self.source[index]
-        return {"pixel_values": self.transform(item["image"]), "text": item["text"]}
+        out = {"pixel_values": self.transform(item["image"]), "text": item["text"]}
+        # Object regions are boxes on the original image: they stay valid through a resize, not a crop or flip.
+        width, height = item["image"].size
+        if item.get("regions") and width == height and not self.transform.random_flip:
+            out["regions"] = item["regions"]
+        return out
 
     def captions(self) -> list[str] | Iterator[str]:
         """Every caption (for tokenizer training) without decoding any image."""

@@ -135,6 +135,7 @@ class Record:
     data: bytes | None = field(default=None, repr=False)
     table: TableImages | None = field(default=None, repr=False)
     row: int | None = None
+    regions: tuple | None = field(default=None, repr=False)   # metadata "regions": phrases and their boxes
 
     def open(self) -> Image.Image:
         if self.table is not None:
@@ -265,8 +266,10 @@ def _metadata_caption(row: dict, column: str | None) -> object:
     return next((row[name] for name in CAPTION_COLUMNS if name in row), None)
 
 
-def _read_metadata(root: Path, report: LoadReport, caption_column: str | None) -> dict[str, object]:
-    """file_name -> raw caption from metadata.jsonl / metadata.csv (problems go to the report)."""
+def _read_metadata(root: Path, report: LoadReport, caption_column: str | None,
+                   regions: dict[str, tuple] | None = None) -> dict[str, object]:
+    """file_name -> raw caption from metadata.jsonl / metadata.csv (problems go to the report). Rows' optional
+    "regions" lists go into `regions`."""
     captions: dict[str, object] = {}
     for metadata_name in METADATA_FILES:
         path = root / metadata_name
@@ -292,6 +295,8 @@ def _read_metadata(root: Path, report: LoadReport, caption_column: str | None) -
             if file_name in captions:
                 report.skip(file_name, f"bad metadata: listed twice in {metadata_name}, the later row is used")
             captions[file_name] = _metadata_caption(row, caption_column)
+            if regions is not None and isinstance(row.get("regions"), list):
+                regions[file_name] = tuple(row["regions"])
     return captions
 
 
@@ -306,7 +311,8 @@ def index_folder(root: Path, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIX
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
     )
     use_metadata = any((root / name).is_file() for name in METADATA_FILES)
-    captions = _read_metadata(root, report, options.caption_column) if use_metadata else {}
+    regions: dict[str, tuple] = {}
+    captions = _read_metadata(root, report, options.caption_column, regions) if use_metadata else {}
     for file_name in sorted(set(captions) - set(images)):
         report.skip(file_name, "missing file: listed in metadata but not found (or not an image type)")
 
@@ -315,7 +321,7 @@ def index_folder(root: Path, min_side: int = MIN_SIDE, max_pixels: int = MAX_PIX
         for file_name in progress.track(images, description="checking images"):
             path = root / file_name
             text, problem = _folder_caption(path, file_name, captions if use_metadata else None)
-            record = Record(file_name, text, path)
+            record = Record(file_name, text, path, regions=regions.get(file_name))
             problem = problem or checks.problem(record)
             if problem is not None:
                 report.skip(file_name, problem)
@@ -625,7 +631,10 @@ class FolderDataset(torch.utils.data.Dataset):
                 self.report.loaded -= 1
                 logger.warning("skipping %s: %s", record.name, error_reason(error))
                 continue
-            return {"image": image, "text": record.text, "name": record.name}
+            item = {"image": image, "text": record.text, "name": record.name}
+            if record.regions is not None:
+                item["regions"] = list(record.regions)
+            return item
         raise BrushworkError(f"no image in {self.path} could be decoded; run `brushwork data inspect` on it")
 
 

@@ -123,10 +123,12 @@ def _write_shards(items: Iterable[dict], staging: Path, width: int, advance) -> 
 def write_shapes(out: str | Path, n: int, seed: int = 0, size: int = 64,
                  task_weights: dict[str, float] | None = None, overwrite: bool = False,
                  format: str = "imagefolder", hold_out: HoldOut | None = None) -> int:
-    """Render n shapes samples into a data set folder; each metadata row also carries the scene. A hold-out is
+    """Render n shapes samples into a data set folder; each metadata row also carries the scene and the
+    objects' regions. A hold-out is
     left out of the samples and recorded in HOLD_OUT_FILE, where `train` finds it."""
     dataset = ShapesDataset(n, seed, task_weights, size, hold_out)
-    items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict()}
+    items = ({"image": item["image"], "text": item["text"], "scene": item["scene"].to_dict(),
+              "regions": item["regions"]}
              for item in (dataset[i] for i in range(n)))
     extra_files = {HOLD_OUT_FILE: write_hold_out(hold_out)} if hold_out else None
     return write_dataset(items, out, total=n, overwrite=overwrite, extra_files=extra_files,

@@ -232,7 +232,16 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         scene = self.scene(i)
-        return {"image": render(scene, self.size), "text": scene.caption, "scene": scene}
+        return {"image": render(scene, self.size), "text": scene.caption, "scene": scene,
+                "regions": object_regions(scene, self.size)}
+
+
+def object_regions(scene: Scene, size: int = 64) -> list[dict]:
+    """Each object's caption words ("red circle") and its box as fractions of the canvas (x0, y0, x1, y1):
+    what the UNet's attention loss asks those words to attend to."""
+    return [{"phrase": f"{o.color} {o.shape}",
+             "box": [(o.cx - o.r) / size, (o.cy - o.r) / size, (o.cx + o.r + 1) / size, (o.cy + o.r + 1) / size]}
+            for o in scene.objects]
 
 
 def generate_scenes(n: int, seed: int = 0, task_weights: dict[str, float] | None = None) -> Iterator[Scene]:

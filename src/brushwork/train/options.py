@@ -104,6 +104,9 @@ class RecipeConfig(SharedConfig):
         "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
     snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
     caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
+    attention_loss: float = option(
+        0.0, "--attention-loss", help="Weight of the loss that asks each object's words to attend inside its region "
+        "(needs object regions in the data: shapes has them); 0 turns it off.")
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")

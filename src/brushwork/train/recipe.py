@@ -455,11 +455,16 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
         unet = initial_unet(resolve_model(c.init_unet), text_encoder, vae)
         extra["initialized_from"] = _init_facts(c.init_unet)
     # Caching every latent up front pays off when training sees each item at least once.
+    attention_loss = c.attention_loss
+    if attention_loss > 0 and not p.data[0].get("regions"):
+        if _main_process():
+            print(f"{c.data} has no object regions: the UNet trains without the attention loss.")
+        attention_loss = 0.0
     stage = UnetStage(p.data, unet, text_encoder, tokenizer, vae, beta_schedule=c.beta_schedule,
                       prediction_type=c.prediction_type, zero_terminal_snr=c.zero_terminal_snr,
                       snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
                       validation_prompts=c.validation_prompts,
-                      cache_latents=steps * p.batch_size >= len(p.data))
+                      cache_latents=steps * p.batch_size >= len(p.data), attention_loss=attention_loss)
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to("cpu"),

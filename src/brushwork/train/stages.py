@@ -29,6 +29,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 from brushwork.data.captions import contradictions_by_kind
 from brushwork.errors import BrushworkError
 from brushwork.generation.output import from_model_range, to_pil
+from brushwork.train.attention_loss import RegionTargets, install_recorder
 from brushwork.train.loop import BaseStage
 
 NUM_VALIDATION = 8
@@ -324,15 +325,16 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
 
 
 class _LatentDataset(Dataset):
-    def __init__(self, latents: torch.Tensor, texts: list[str]):
+    def __init__(self, latents: torch.Tensor, texts: list[str], regions: list[list[dict] | None]):
         self.latents = latents
         self.texts = texts
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latents": self.latents[i], "text": self.texts[i]}
+        return {"latents": self.latents[i], "text": self.texts[i], "regions": self.regions[i]}
 
 
 class LatentTextStage(BaseStage):
@@ -365,7 +367,7 @@ class LatentTextStage(BaseStage):
     def _encode_all(self, batch_size: int = 64) -> Dataset:
         loader = DataLoader(self.data, batch_size=batch_size, collate_fn=lambda items: items)
         self.vae.to(PartialState().device)
-        latents, texts = [], []
+        latents, texts, regions = [], [], []
         with Progress(transient=True) as progress:
             task = progress.add_task("encoding latents", total=len(self.data))
             for items in loader:
@@ -373,8 +375,9 @@ class LatentTextStage(BaseStage):
                 # fp16 halves the memory of the cache; latents are unit scale, well inside its range.
                 latents.append(self._encode_images(images).half().cpu())
                 texts += [item["text"] for item in items]
+                regions += [item.get("regions") for item in items]
                 progress.advance(task, len(items))
-        return _LatentDataset(torch.cat(latents), texts)
+        return _LatentDataset(torch.cat(latents), texts, regions)
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.vae.parameters()).device
@@ -384,7 +387,8 @@ class LatentTextStage(BaseStage):
 
     def collate(self, items: list[dict]) -> dict:
         key = "latents" if "latents" in items[0] else "pixel_values"
-        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items]}
+        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items],
+                "regions": [item.get("regions") for item in items]}
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         """The batch's scaled latents in float32: cached, or encoded now."""
@@ -413,7 +417,9 @@ class LatentTextStage(BaseStage):
 class UnetStage(LatentTextStage):
     """Denoising on VAE latents, conditioned on the frozen text encoder's hidden states (both cached: see
     LatentTextStage). A fraction `caption_dropout` of captions is replaced by the empty caption, which teaches the
-    unconditional prediction that classifier-free guidance needs.
+    unconditional prediction that classifier-free guidance needs. With `attention_loss` > 0 and object regions in
+    the data, the cross-attention of each object's words is also asked to fall inside its region
+    (train/attention_loss.py).
     """
 
     name = "unet"
@@ -422,7 +428,7 @@ class UnetStage(LatentTextStage):
                  tokenizer: CLIPTokenizer, vae: AutoencoderKL, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", zero_terminal_snr: bool = False, snr_gamma: float | None = 5.0,
                  caption_dropout: float = 0.1, cache_latents: bool = True, max_cached_latents: int = 200_000, guidance_scale: float = 4.0,
-                 sample_steps: int = 20, validation_prompts: list[str] | None = None):
+                 sample_steps: int = 20, validation_prompts: list[str] | None = None, attention_loss: float = 0.0):
         super().__init__(data, text_encoder, tokenizer, vae, cache_latents, max_cached_latents)
         self.unet = unet
         self.schedule = noise_schedule(beta_schedule, prediction_type, zero_terminal_snr=zero_terminal_snr)
@@ -432,6 +438,8 @@ class UnetStage(LatentTextStage):
         self.guidance_scale = guidance_scale
         self.sample_steps = sample_steps
         self.validation_prompts = validation_prompts  # the sample grids' prompts; None: the first captions
+        self.attention_loss = attention_loss
+        self._recorder = install_recorder(unet) if attention_loss > 0 else None
 
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -452,10 +460,26 @@ class UnetStage(LatentTextStage):
             target = noise
         else:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, hidden).sample.float()
+        regions = None
+        if self._recorder is not None:
+            regions = RegionTargets(self.tokenizer, texts, batch.get("regions") or [None] * batch_size,
+                                    hidden.shape[1])
+            self._recorder.maps.clear()
+            self._recorder.recording = regions.any()
+        try:
+            prediction = unet(noisy, timesteps, hidden).sample.float()
+        finally:
+            if self._recorder is not None:
+                self._recorder.recording = False
         per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * self.loss_weights(timesteps)).mean()
-        return loss, {"mse": per_sample.detach().mean()}
+        logs = {"mse": per_sample.detach().mean()}
+        if regions is not None and self._recorder.maps:
+            attention = regions.loss(self._recorder.maps)
+            self._recorder.maps.clear()
+            loss = loss + self.attention_loss * attention
+            logs["attention"] = attention.detach()
+        return loss, logs
 
     def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Min-SNR-γ weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε; for v, min(SNR+1, γ)/(SNR+1), which
@@ -471,6 +495,7 @@ class UnetStage(LatentTextStage):
     def fingerprint(self) -> dict:
         return {"stage": self.name, "unet": dict(self.unet.config), "schedule": self.schedule,
                 "snr_gamma": self.snr_gamma, "caption_dropout": self.caption_dropout,
+                **({"attention_loss": self.attention_loss} if self.attention_loss else {}),
                 "scaling_factor": self.vae.config.scaling_factor, "data_size": len(self.data)}
 
     def pipeline(self, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
