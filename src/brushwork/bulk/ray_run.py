@@ -203,18 +203,29 @@ class GroupWriter:
         return records
 
 
-def done_indices(out: Path) -> set[int]:
-    """The jobs the manifest records as made."""
+def done_indices(out: Path, jobs: list[Job]) -> set[int]:
+    """The jobs the manifest records as made. A record that another job had at that index (another prompt file,
+    seed or setting written into the same folder) stops the run rather than be mixed with this one."""
     table = read_manifest(out)
-    made = table.filter(pc.is_null(table.column("error")))
-    return set(made.column("index").to_pylist())
+    made = {r["index"]: r for r in table.filter(pc.is_null(table.column("error"))).to_pylist()}
+    for job in jobs:
+        record = made.get(job.index)
+        if record is None:
+            continue
+        wanted = {k: v for k, v in job_record(job).items() if k != "steps" or v is not None}
+        changed = [k for k, v in wanted.items() if record[k] != v]
+        if changed:
+            raise BrushworkError(f"{out} holds image {record['file']} of another run ({', '.join(changed)} differ "
+                                 f"from row {job.row}: {record[changed[0]]!r} there, {wanted[changed[0]]!r} now). "
+                                 "Write into a new folder, or rerun with the same file and flags to finish that run.")
+    return set(made)
 
 
 def generate_on_ray(ray, jobs: list[Job], settings: Settings, actors: int | None = None, num_cpus: float = 1,
                     num_gpus: float = 0, console: Console | None = None) -> tuple[int, float]:
     """Make the jobs the manifest in settings.out does not hold yet. Returns (images made, seconds)."""
     out = Path(settings.out)
-    done = done_indices(out)
+    done = done_indices(out, jobs)
     todo = [job for job in jobs if job.index not in done]
     groups = groups_of(todo, settings.batch_size)
     console = console or Console(stderr=True)
