@@ -87,6 +87,7 @@ def test_bad_input_is_a_clean_error(model_dir, tmp_path, monkeypatch):
         (["--prompts", str(prompts), "-o", "x.png", "--ray", "local"], "give -o DIR"),
         (["--prompts", str(prompts), "-o", "out", "--ray", "local", "--bad-rows", "maybe"], "stop or skip"),
         (["--prompts", str(prompts), "-o", "out", "--ray", "nowhere"], "HOST:PORT"),
+        (["--prompts", str(prompts), "-o", "out", "--ray", "local", "-n", "0"], "-n must be positive"),
     ]
     for args, message in cases:
         result = generate(*args, model=model_dir)

@@ -126,8 +126,9 @@ def generate(
                             precision=precision, allow_pickle=allow_pickle, compile=compile, batch_size=batch_size,
                             sampler=sampler, height=height, width=width, layout=layout, best_of=best_of,
                             watermark=not no_watermark)
-        return _generate_on_ray(ray, prompts_file, output, num_images or 1, defaults, settings, actors, num_cpus,
-                                num_gpus, bad_rows)
+        per_row = 1 if num_images is None else num_images
+        return _generate_on_ray(ray, prompts_file, output, per_row, defaults, settings, actors, num_cpus, num_gpus,
+                                bad_rows)
     if prompts_file is not None and prompts_file.suffix.lower() in (".jsonl", ".parquet"):
         raise BrushworkError(f"{prompts_file.name}: .jsonl and .parquet prompt files (with per-row seed, negative, "
                              "steps, guidance and model) are read by --ray; use --ray local to run on this machine")
