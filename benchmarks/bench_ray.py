@@ -6,7 +6,7 @@ the actors' own generation time (the manifest's seconds per image), what each ad
 actors) should add once a run is long enough for the start to vanish. In-process generation on the same number
 of threads is the baseline.
 
-    python benchmarks/bench_ray.py [--model shapes] [--images 24] [--steps 20] [--cpus 2]
+    python benchmarks/bench_ray.py [--model shapes] [--images 24] [--steps 20] [--cpus 2] [--batches 1,8]
 """
 
 import argparse
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
+    parser.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     args = parser.parse_args()
     model = resolve_model(args.model)
     jobs = [Job(index=k, row=k + 1, prompt=PROMPTS[k % len(PROMPTS)], seed=k, steps=args.steps)
@@ -56,7 +57,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print("| actors | batch | end to end images/s | per actor images/s | in-process images/s (threads = actors) |")
     print("| --- | --- | --- | --- | --- |")
-    for batch in (1, 8):
+    for batch in [int(b) for b in args.batches.split(",")]:
         for actors in (1, 2):
             with tempfile.TemporaryDirectory() as folder:
                 settings = Settings(out=folder, model=str(model), batch_size=batch)
