@@ -46,6 +46,10 @@ def evaluate(
     train_images: Annotated[int | None, typer.Option(
         "--train-images", help="Training images of --data searched for near-copies (default: all; for shapes the "
                                "draw the model trained on; 0 skips the search).")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Generate the images on Ray (local, auto or HOST:PORT), into "
+                                                         "OUT/images/ with a manifest; a rerun makes only what is "
+                                                         "missing. Needs brushwork[ray].", show_default=False)] = None,
+    actors: Annotated[int | None, typer.Option(help="--ray: actors generating at once [default: one per CPU].")] = None,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep
@@ -54,8 +58,16 @@ def evaluate(
     config = EvalConfig(models=model, out=out, data=data, n=n, per_prompt=per_prompt, steps=steps, guidance=guidance,
                         sampler=sampler, seed=seed, inception_weights=inception_weights, clip=clip, sweeps=sweeps,
                         batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device,
-                        layout=layout, best_of=best_of, train_images=train_images)
-    result = run_evaluation(config)
+                        layout=layout, best_of=best_of, train_images=train_images, ray=ray is not None, actors=actors)
+    if ray is None:
+        result = run_evaluation(config)
+    else:
+        from brushwork.bulk.ray_run import check_address, import_ray, ray_session
+
+        import_ray()
+        check_address(ray)
+        with ray_session(ray):
+            result = run_evaluation(config)
     console = Console()
     for entry in result["models"]:
         values = entry["metrics"]

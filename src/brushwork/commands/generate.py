@@ -1,10 +1,11 @@
 """`brushwork generate` and `brushwork info`."""
 
+import dataclasses
 import json
 import random
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -12,10 +13,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from brushwork.errors import BrushworkError
 
+if TYPE_CHECKING:
+    from brushwork.bulk.jobs import Defaults
+    from brushwork.bulk.ray_run import Settings
+
 PRECISIONS = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import diffusers
     import transformers
 
@@ -93,6 +98,11 @@ def generate(
     layout: Annotated[bool, typer.Option("--layout", help="Layout guidance: prompts 'A left of / right of / above / below B' draw A and B where the relation puts them, and 'two/three/four Xs' draw each copy apart (diffusion models).")] = False,
     best_of: Annotated[int, typer.Option("--best-of", help="Make each image this many times and keep the one the model's CLIP finds closest to the prompt (that many times the work). The PNG records the kept image's seed, so --from remakes it without reranking.")] = 1,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the UNet and VAE decoder: about 2.5-3x faster sampling than eager on a CPU with bf16. The first use of a model at a batch size compiles for 2-3 minutes and is cached; later runs load it in a second.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Generate --prompts FILE (.txt, .jsonl or .parquet) on Ray into the folder -o DIR, with a Parquet manifest; a rerun makes only what is missing. local (a cluster on this machine), auto (the one `ray start` runs here) or HOST:PORT. Needs brushwork[ray].", show_default=False)] = None,
+    actors: Annotated[Optional[int], typer.Option(help="--ray: actors generating at once [default: as many as the cluster's CPUs (or GPUs) allow].")] = None,
+    num_cpus: Annotated[float, typer.Option(help="--ray: CPUs per actor (also its torch threads).")] = 1,
+    num_gpus: Annotated[float, typer.Option(help="--ray: GPUs per actor; above 0 the actors generate on CUDA.")] = 0,
+    bad_rows: Annotated[str, typer.Option(help="--ray: on rows that cannot be read, stop before starting, or skip them (recorded in the manifest).")] = "stop",
 ) -> None:
     """Generate images from a prompt; each PNG stores its parameters (see `brushwork info`)."""
     import torch
@@ -104,6 +114,24 @@ def generate(
     from brushwork.pnginfo import read_parameters, save_png
     from brushwork.watermark import embed
 
+    if ray is not None:
+        from brushwork.bulk.jobs import Defaults
+        from brushwork.bulk.ray_run import Settings
+
+        if prompts_file is None or prompt is not None or from_image is not None:
+            raise BrushworkError("--ray generates from --prompts FILE only (no prompt argument, no --from)")
+        defaults = Defaults(seed=seed or 0, negative=negative or "", steps=steps,
+                            guidance=5.0 if guidance is None else guidance, model=_model_name(model))
+        settings = Settings(out=str(output), model=defaults.model, device=device or ("cuda" if num_gpus > 0 else "cpu"),
+                            precision=precision, allow_pickle=allow_pickle, compile=compile, batch_size=batch_size,
+                            sampler=sampler, height=height, width=width, layout=layout, best_of=best_of,
+                            watermark=not no_watermark)
+        per_row = 1 if num_images is None else num_images
+        return _generate_on_ray(ray, prompts_file, output, per_row, defaults, settings, actors, num_cpus, num_gpus,
+                                bad_rows)
+    if prompts_file is not None and prompts_file.suffix.lower() in (".jsonl", ".parquet"):
+        raise BrushworkError(f"{prompts_file.name}: .jsonl and .parquet prompt files (with per-row seed, negative, "
+                             "steps, guidance and model) are read by --ray; use --ray local to run on this machine")
     console = Console(stderr=True)
     stored: dict = {}
     if from_image is not None:
@@ -147,7 +175,7 @@ def generate(
     if num_images <= 0:
         raise BrushworkError(f"-n must be at least 1, got {num_images}")
 
-    _quiet_libraries()
+    quiet_libraries()
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
     pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                              compile=compile)
@@ -189,6 +217,53 @@ def generate(
         console.print(f"Warning: {message}")
     for path in written:
         typer.echo(str(path))
+
+
+def _model_name(model: Path | None) -> str | None:
+    """A model folder as an absolute path (the actors' working folder is not this one); a name as it is."""
+    return None if model is None else str(model.resolve()) if model.expanduser().exists() else str(model)
+
+
+def _generate_on_ray(address: str, prompts_file: Path, output: Path | None, per_row: int, defaults: "Defaults",
+                     settings: "Settings", actors: int | None, num_cpus: float, num_gpus: float, bad_rows: str) -> None:
+    """`generate --prompts FILE -o DIR --ray ADDRESS`: the same images as without --ray (at the same batch size),
+    one per job, named by its index, recorded in DIR/manifest/."""
+    from brushwork.bulk.jobs import bad_row_records, plan_jobs, write_manifest_part
+    from brushwork.bulk.ray_run import check_address, generate_on_ray, import_ray, ray_session
+    from brushwork.generation.samplers import resolve_sampler
+
+    import_ray()
+    check_address(address)
+    if output is None or output.suffix.lower() == ".png":
+        raise BrushworkError("--ray writes into a folder: give -o DIR")
+    if bad_rows not in ("stop", "skip"):
+        raise BrushworkError(f"--bad-rows must be stop or skip, got {bad_rows!r}")
+    for name, value in (("--batch-size", settings.batch_size), ("-n", per_row), ("--num-cpus", num_cpus),
+                        ("--actors", actors or 1)):
+        if value <= 0:
+            raise BrushworkError(f"{name} must be positive, got {value}")
+    if num_gpus < 0:
+        raise BrushworkError(f"--num-gpus must be at least 0, got {num_gpus}")
+    if settings.precision not in PRECISIONS:
+        raise BrushworkError(f"unknown precision '{settings.precision}'; use one of {', '.join(PRECISIONS)}")
+    jobs, bad, unknown = plan_jobs(prompts_file, defaults, per_row)
+    console = Console(stderr=True)
+    if unknown:
+        console.print(f"Warning: {prompts_file.name}: columns {', '.join(unknown)} are not read (brushwork reads "
+                      "prompt, seed, negative, steps, guidance, model)", highlight=False)
+    if bad:
+        listed = "; ".join(f"row {row}: {reason}" for row, reason in bad[:5]) + ("; ..." if len(bad) > 5 else "")
+        if bad_rows == "stop":
+            raise BrushworkError(f"{prompts_file.name} has {len(bad)} bad row(s), nothing generated: {listed}. Fix "
+                                 "them, or pass --bad-rows skip to make the others and record these in the manifest")
+        console.print(f"Warning: skipping {len(bad)} bad row(s) of {prompts_file.name}: {listed}", highlight=False)
+    output.mkdir(parents=True, exist_ok=True)
+    write_manifest_part(output, bad_row_records(bad), "bad-rows")
+    settings = dataclasses.replace(settings, out=str(output.resolve()), precision=PRECISIONS[settings.precision],
+                                   sampler=resolve_sampler(settings.sampler or "dpm++"))
+    with ray_session(address) as ray_module:
+        generate_on_ray(ray_module, jobs, settings, actors, num_cpus, num_gpus, console)
+    typer.echo(str(output / "manifest"))
 
 
 def info(

@@ -66,7 +66,7 @@ def serve(
     """Serve the model over HTTP: a web page at /, brushwork's API, and OpenAI- and AUTOMATIC1111-compatible APIs."""
     import torch
 
-    from brushwork.commands.generate import _quiet_libraries
+    from brushwork.commands.generate import quiet_libraries
     from brushwork.generation.auto import BrushworkPipeline
     from brushwork.serve.app import create_app
     from brushwork.serve.common import Blocklist, ServeConfig
@@ -92,7 +92,7 @@ def serve(
                          public_url=public_url or (f"http://{url_host(host)}:{port}" if is_loopback(host) else None))
     _check_port_free(host, port)
 
-    _quiet_libraries()
+    quiet_libraries()
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None
     pipe = BrushworkPipeline.from_pretrained(model, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                              compile=compile)

@@ -63,6 +63,8 @@ class EvalConfig:
     layout: bool = False                # layout guidance for position and counting prompts (diffusion models only)
     best_of: int = 1                    # each image the best of this many by the model's CLIP (pipeline's best_of)
     train_images: int | None = None     # training images searched for near-copies (None: all; 0: no search)
+    ray: bool = False                   # generate on the Ray cluster the caller connected to (bulk.ray_run)
+    actors: int | None = None           # Ray actors (default: as many as the cluster's CPUs)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -127,6 +129,24 @@ def generate_images(pipe, prompts: list[str], per_prompt: int, steps: int, guida
                       seed=seed + first * per_prompt, sampler=sampler, layout=layout, best_of=best_of)
         images += result.images
     return images, (time.perf_counter() - start) / len(images)
+
+
+def generate_images_on_ray(model: Path, folder: Path, prompts: list[str], per_prompt: int, steps: int,
+                           guidance: float, sampler: str | None, seed: int, layout: bool, best_of: int,
+                           device: str | None, actors: int | None) -> tuple[list[Image.Image], float]:
+    """generate_images' images (the same prompts and seeds) made by Ray actors into folder, without the watermark,
+    and read back; a rerun into the same folder makes only what is missing."""
+    from brushwork.bulk.jobs import Job
+    from brushwork.bulk.ray_run import Settings, generate_on_ray, import_ray
+
+    jobs = [Job(index=i * per_prompt + j, row=i + 1, prompt=prompt, seed=seed + i * per_prompt + j, steps=steps,
+                guidance=guidance, model=str(model)) for i, prompt in enumerate(prompts) for j in range(per_prompt)]
+    settings = Settings(out=str(folder), model=str(model), device=device or "cpu", batch_size=IMAGES_PER_CALL,
+                        sampler=sampler, layout=layout, best_of=best_of, watermark=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    made, seconds = generate_on_ray(import_ray(), jobs, settings, actors, console=console)
+    images = [Image.open(folder / f"{job.index:05d}.png").convert("RGB") for job in jobs]
+    return images, seconds / max(made, 1)
 
 
 @dataclass
@@ -354,8 +374,14 @@ def evaluate(config: EvalConfig) -> dict:
             key = (steps, guidance, sampler)
             if key not in cache:
                 label = f"{name}: steps={steps} guidance={guidance:g}" + (f" sampler={sampler}" if sampler else "")
-                cache[key] = generate_images(pipe, prompts, config.per_prompt, steps, guidance, sampler,
-                                             config.seed, label, layout, config.best_of)
+                if config.ray:
+                    folder = out / "images" / f"{index}-seed{config.seed}-steps{steps}-guidance{guidance:g}-{sampler or 'default'}"
+                    cache[key] = generate_images_on_ray(path, folder, prompts, config.per_prompt, steps, guidance,
+                                                        sampler, config.seed, layout, config.best_of, config.device,
+                                                        config.actors)
+                else:
+                    cache[key] = generate_images(pipe, prompts, config.per_prompt, steps, guidance, sampler,
+                                                 config.seed, label, layout, config.best_of)
             return cache[key]
 
         steps = pipe.resolve_steps(config.steps)

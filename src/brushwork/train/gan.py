@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from accelerate import PartialState
 from PIL import Image
 from safetensors.torch import load_model
 from torch import nn
@@ -48,7 +47,7 @@ from brushwork.models.clip import load_clip
 from brushwork.models.gan import (Discriminator, Generator, build_discriminator, build_generator, gan_generate,
                                   gan_size, save_generator)
 from brushwork.models.sizes import count_parameters
-from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, run
+from brushwork.train.loop import BaseStage, TrainConfig, check_report_to, list_checkpoints, process_state, run
 from brushwork.train.options import LOSSES, GanTrainConfig, runs_folder, settings, stop_time
 from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
 from brushwork.train.stages import image_grid
@@ -512,7 +511,7 @@ def train_gan(config: GanTrainConfig) -> Path:
         load_init(generator, discriminator, init)
     data = open_dataset(config.data, resolution=generator.config.resolution, n=config.n, seed=config.seed,
                         options=DataOptions(config.split, config.image_column, config.caption_column))
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         for line in report_lines(config.data, data):
             print(line)
     if config.mismatch_share > 0 or config.near_miss_weight > 0:
@@ -537,7 +536,7 @@ def train_gan(config: GanTrainConfig) -> Path:
         log_every=config.log_every, sample_every=config.sample_every, seed=config.seed, resume=config.resume,
         num_workers=config.num_workers, stop_at=stop_time(command_started, config.max_minutes),
         report_to=config.report_to))
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         g = (result.ema or result.modules)["g"].to("cpu")
         save_generator(g, out)
         # The encoder G was trained with, saved from memory: the text model's folder may have changed since.
@@ -569,5 +568,5 @@ def train_gan(config: GanTrainConfig) -> Path:
             facts["initialized_from"] = {k: v for k, v in init_facts.items() if k != "commands"}
         (out / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
         (out / "README.md").write_text(_model_card(facts))
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return out

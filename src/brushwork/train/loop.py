@@ -414,6 +414,14 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
+def process_state() -> PartialState:
+    """accelerate's process state (rank, device, process group), the one way every module asks for it.
+
+    It is a process-wide singleton set up by its first caller: without a GPU it must be told it runs on the
+    CPU, or under torchrun it opens no (gloo) process group and every process trains alone."""
+    return PartialState(cpu=not _has_gpu())
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
     """"auto" -> "bf16" where the device computes bf16 natively, else "no"; refuses fp16 off GPU."""
     if requested == "auto":
@@ -481,7 +489,7 @@ class _Trainer:
 
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on the CPU.
         use_cpu = not _has_gpu()
-        device = PartialState(cpu=use_cpu).device
+        device = process_state().device
         precision = resolve_precision(config.mixed_precision, device)
         # Accelerate keeps precision in a process-wide singleton; reset it so several runs (the recipe's
         # stages) can each choose their own. The process group (PartialState) is kept.

@@ -24,7 +24,6 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from accelerate import PartialState
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
@@ -36,7 +35,7 @@ from brushwork.eval.checker import check
 from brushwork.generation.registry import resolve_model
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.loop import LR_SCHEDULES, TrainConfig, check_report_to, check_writable, list_checkpoints, run
+from brushwork.train.loop import LR_SCHEDULES, TrainConfig, check_report_to, check_writable, list_checkpoints, process_state, run
 from brushwork.train.options import STAGES, RecipeConfig, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
@@ -194,7 +193,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
 
     data = open_dataset(config.data, resolution=size.resolution, n=config.n, seed=config.seed,
                         options=DataOptions(config.split, config.image_column, config.caption_column))
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         for line in report_lines(config.data, data):
             print(line)
     if len(data) == 0:
@@ -215,7 +214,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise BrushworkError(f"cannot resume {out}: it was trained with other settings ({detail}). Use the "
                                  "original settings, or train into a new folder.")
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
     return Plan(config, started, size, data, steps, batch_size, resume_stage)
 
@@ -234,11 +233,11 @@ def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainC
 
 
 def _main_process() -> bool:
-    return PartialState().is_main_process
+    return process_state().is_main_process
 
 
 def _barrier() -> None:
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
 
 
 def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, int], **extra) -> None:

@@ -19,7 +19,6 @@ from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
                        UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
-from accelerate import PartialState
 from PIL import Image
 from rich.progress import Progress
 from torch import nn
@@ -30,7 +29,7 @@ from brushwork.data.captions import contradictions_by_kind
 from brushwork.errors import BrushworkError
 from brushwork.generation.output import from_model_range, to_pil
 from brushwork.train.attention_loss import RegionTargets, install_recorder
-from brushwork.train.loop import BaseStage
+from brushwork.train.loop import BaseStage, process_state
 
 NUM_VALIDATION = 8
 # CLIP with near misses: the text tower keeps a caption and its near misses at most this cosine apart, with
@@ -366,7 +365,7 @@ class LatentTextStage(BaseStage):
     @torch.no_grad()
     def _encode_all(self, batch_size: int = 64) -> Dataset:
         loader = DataLoader(self.data, batch_size=batch_size, collate_fn=lambda items: items)
-        self.vae.to(PartialState().device)
+        self.vae.to(process_state().device)
         latents, texts, regions = [], [], []
         with Progress(transient=True) as progress:
             task = progress.add_task("encoding latents", total=len(self.data))

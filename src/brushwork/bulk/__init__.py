@@ -1,0 +1,1 @@
+"""Bulk generation from prompt files, spread over a Ray cluster."""
