@@ -54,6 +54,7 @@ def test_distill_writes_an_lcm_folder_with_the_teachers_schedule(teacher, distil
     taught = json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
     assert scheduler["timestep_scaling"] == 10.0
+    assert "algorithm_type" not in scheduler and "solver_order" not in scheduler   # the teacher's DPM++ settings
     for key in ("prediction_type", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps"):
         assert scheduler[key] == taught[key], key
     student, teacher_unet = (UNet2DConditionModel.load_config(m / "unet") for m in (distilled, teacher))

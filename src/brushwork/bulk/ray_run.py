@@ -128,7 +128,7 @@ class GroupWriter:
     def __init__(self, settings: dict):
         import torch
 
-        from brushwork.commands.generate import quiet_libraries
+        from brushwork.generation.loading import quiet_libraries
 
         torch.set_num_threads(settings["threads"])
         quiet_libraries()

@@ -20,15 +20,6 @@ if TYPE_CHECKING:
 PRECISIONS = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    for library in (diffusers, transformers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-
-
 def _free(path: Path, taken: set[Path]) -> bool:
     return not path.exists() and path not in taken
 
@@ -174,6 +165,8 @@ def generate(
     layout = layout or stored.get("layout") == "on"
     if num_images <= 0:
         raise BrushworkError(f"-n must be at least 1, got {num_images}")
+
+    from brushwork.generation.loading import quiet_libraries
 
     quiet_libraries()
     dtype = getattr(torch, PRECISIONS[precision]) if PRECISIONS[precision] else None

@@ -66,7 +66,7 @@ def serve(
     """Serve the model over HTTP: a web page at /, brushwork's API, and OpenAI- and AUTOMATIC1111-compatible APIs."""
     import torch
 
-    from brushwork.commands.generate import quiet_libraries
+    from brushwork.generation.loading import quiet_libraries
     from brushwork.generation.auto import BrushworkPipeline
     from brushwork.serve.app import create_app
     from brushwork.serve.common import Blocklist, ServeConfig

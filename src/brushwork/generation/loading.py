@@ -61,3 +61,13 @@ def load_diffusion_model(path: Path, allow_pickle: bool = False) -> DiffusionMod
                              "expected a Stable Diffusion folder with model_index.json")
     raise BrushworkError(f"{path} is not a model folder (no model_index.json); pass a folder written by "
                          "`brushwork train`, a diffusers Stable Diffusion folder, or a .safetensors file")
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' logs and progress bars (the CLI, server and Ray actors show their own)."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()

@@ -79,9 +79,12 @@ def student_unet(teacher: UNet2DConditionModel) -> UNet2DConditionModel:
 
 
 def lcm_scheduler(scheduler_config: dict, solver_steps: int) -> LCMScheduler:
-    """The teacher's noise schedule and prediction type as an LCMScheduler whose grid is the solver's."""
-    return LCMScheduler.from_config(scheduler_config, original_inference_steps=solver_steps, timestep_scaling=10.0,
-                                    clip_sample=False)
+    """The teacher's noise schedule and prediction type as an LCMScheduler whose grid is the solver's. Only
+    LCMScheduler's own settings are kept: the teacher's sampler-specific ones would be saved too, and every load of
+    the folder would warn about them."""
+    own, _, _ = LCMScheduler.extract_init_dict(dict(scheduler_config))
+    return LCMScheduler(**{**own, "original_inference_steps": solver_steps, "timestep_scaling": 10.0,
+                           "clip_sample": False})
 
 
 def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
