@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from websockets.sync.client import connect
 
-from brushwork.commands.generate import _quiet_libraries
+from brushwork.generation.loading import quiet_libraries
 from brushwork.generation.auto import BrushworkPipeline
 from brushwork.serve.common import ServeConfig
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--watermark", action="store_true", help="watermark live frames, as serve does by default")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    _quiet_libraries()
+    quiet_libraries()
     print(f"torch threads {args.threads}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for model in args.models.split(","):
         pipe = BrushworkPipeline.from_pretrained(model, device="cpu", dtype=torch.float32, threads=args.threads)

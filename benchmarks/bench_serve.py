@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 import torch
 
-from brushwork.commands.generate import _quiet_libraries
+from brushwork.generation.loading import quiet_libraries
 from brushwork.commands.serve import make_server
 from brushwork.generation.auto import BrushworkPipeline
 from brushwork.serve.app import create_app
@@ -31,7 +31,7 @@ from brushwork.serve.jobs import compiled_batch_sizes, warm_up
 
 
 def load_pipeline(model: str, compile: bool = False) -> BrushworkPipeline:
-    _quiet_libraries()
+    quiet_libraries()
     # compiled: the dtype serve --compile takes (bf16 on CPUs with native bf16)
     return BrushworkPipeline.from_pretrained(model, device="cpu", dtype=None if compile else torch.float32,
                                              compile=compile)
