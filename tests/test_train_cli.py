@@ -39,7 +39,8 @@ def test_recipe_writes_a_pipeline_that_generates(model):
     pipe = StableDiffusionPipeline.from_pretrained(model)   # offline: conftest sets HF_HUB_OFFLINE
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
-    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"      # the default recipe's target
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     for sampler in (DDIMScheduler, DDPMScheduler):   # SD's settings, not these samplers' pixel-space defaults
         other = sampler.from_config(pipe.scheduler.config)
@@ -400,17 +401,21 @@ def test_validation_prompts_in_a_config_file(tmp_path):
         read_config_file(path, RecipeConfig)
 
 
-def test_attention_loss_uses_shapes_regions_and_says_when_the_data_has_none(tmp_path, photo_folder):
+def test_attention_loss_is_on_for_shapes_regions_and_says_when_the_data_has_none(tmp_path, photo_folder):
     out = tmp_path / "m"
     assert _train("clip", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2").exit_code == 0
     assert _train("vae", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2").exit_code == 0
     result = _train("unet", "--data", str(photo_folder), "--size", "tiny", "--out", str(out), "--steps", "2",
-                    "--attention-loss", "0.1")
+                    "--prediction", "epsilon")
     assert result.exit_code == 0 and "trains without the attention loss" in result.output, result.output
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon" and not scheduler.get("rescale_betas_zero_snr")
+    card = (out / "README.md").read_text()
+    assert "--prediction epsilon`" in card and "zero-terminal-snr" not in card   # ZTSNR follows the target
     shapes = tmp_path / "s"
     assert _train("clip", *TINY, "--out", str(shapes), "--steps", "2").exit_code == 0
     assert _train("vae", *TINY, "--out", str(shapes), "--steps", "2").exit_code == 0
-    result = _train("unet", *TINY, "--out", str(shapes), "--steps", "2", "--attention-loss", "0.1")
+    result = _train("unet", *TINY, "--out", str(shapes), "--steps", "2")      # on by default
     assert result.exit_code == 0 and "without the attention loss" not in result.output, result.output
     logged = json.loads((runs_folder(shapes) / "unet" / "log.jsonl").read_text().splitlines()[-1])
     assert 0 < logged["attention"] <= 1

@@ -5,6 +5,7 @@ Every option is a field of RecipeConfig or GanTrainConfig, which holds its defau
 one line each, and `cli_option` fills in the rest from the field: explicit, with no generated signatures.
 """
 
+import dataclasses
 import shlex
 from pathlib import Path
 
@@ -60,9 +61,13 @@ def _command_line(ctx: typer.Context, config) -> str:
         if param.name not in names:
             continue  # --config, deprecated flags
         value = getattr(config, param.name)
-        if value != param.default and value != []:
+        default = getattr(dataclasses.replace(config, **{param.name: param.default}), param.name)  # None resolved
+        if value != default and value != []:
             values = value if isinstance(value, list) else [value]
-            words += [param.opts[0]] if param.is_flag else [w for v in values for w in (param.opts[0], str(v))]
+            if param.is_flag:
+                words.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
+            else:
+                words += [w for v in values for w in (param.opts[0], str(v))]
     return shlex.join(words)
 
 
@@ -95,7 +100,7 @@ def recipe(
     mixed_precision: str = cli_option(RecipeConfig, "mixed_precision"),
     prediction_type: str = cli_option(RecipeConfig, "prediction_type"),
     beta_schedule: str = cli_option(RecipeConfig, "beta_schedule"),
-    zero_terminal_snr: bool = cli_option(RecipeConfig, "zero_terminal_snr"),
+    zero_terminal_snr: bool | None = cli_option(RecipeConfig, "zero_terminal_snr"),
     snr_gamma: float = cli_option(RecipeConfig, "snr_gamma"),
     caption_dropout: float = cli_option(RecipeConfig, "caption_dropout"),
     attention_loss: float = cli_option(RecipeConfig, "attention_loss"),
@@ -207,7 +212,7 @@ def unet(
     mixed_precision: str = cli_option(RecipeConfig, "mixed_precision"),
     prediction_type: str = cli_option(RecipeConfig, "prediction_type"),
     beta_schedule: str = cli_option(RecipeConfig, "beta_schedule"),
-    zero_terminal_snr: bool = cli_option(RecipeConfig, "zero_terminal_snr"),
+    zero_terminal_snr: bool | None = cli_option(RecipeConfig, "zero_terminal_snr"),
     snr_gamma: float = cli_option(RecipeConfig, "snr_gamma"),
     caption_dropout: float = cli_option(RecipeConfig, "caption_dropout"),
     attention_loss: float = cli_option(RecipeConfig, "attention_loss"),

@@ -100,12 +100,12 @@ def sweep_chart(key: str, points: dict[str, list[dict]], path: Path) -> Path:
 def distance_chart(series: dict[str, list[float]], threshold: float, path: Path) -> Path:
     """Histograms of nearest-training-image distances, one per series, with the copy threshold marked."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    top = max(max(values, default=0.0) for values in series.values())
-    bins = [top * i / 40 for i in range(41)] if top > 0 else 40
+    top = max(1.0, max(max(values, default=0.0) for values in series.values()))
+    bins = [top * i / 40 for i in range(41)]
     for label, values in series.items():
         ax.hist(values, bins=bins, density=True, histtype="step", linewidth=1.5, label=f"{label} (n={len(values)})")
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"copy threshold {threshold:.4f}")
-    ax.set_xlabel("cosine distance to the nearest training image (CLIP image embedding)")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"copy threshold {threshold:.2f}")
+    ax.set_xlabel("pixel distance to the nearest training image / mean distance to its neighbourhood")
     ax.set_ylabel("density")
     ax.set_title("Nearest training image")
     ax.legend(fontsize=8)
@@ -188,14 +188,15 @@ def _creativity(report: dict, out_dir: Path) -> list[str]:
     if search is not None:
         calibration = search["calibration"]
         parts.append(
-            f"<h3>Near-copies of training images</h3><p>Each generated image's nearest training images among the "
-            f"{search['n_train']:,} of <b>{html.escape(search['data'])}</b> ({html.escape(search['search'])}, on "
-            f"unit CLIP image embeddings), confirmed in pixels against the {search['candidates']} nearest "
-            f"({search['pixel_side']}px, RMS). A near-copy is closer than {1 - calibration['quantile']:.0%} of the "
-            f"training set's own images are to their nearest other one, in both: cosine distance ≤ "
-            f"{calibration['embedding_threshold']:.4f} and pixel RMS ≤ {calibration['pixel_threshold']:.4f} "
-            f"(from {calibration['n']} training images). Fresh samples of the data's distribution score about "
-            f"{calibration['quantile']:.0%} or less.</p>")
+            f"<h3>Near-copies of training images</h3><p>Each generated image's {search['candidates']} nearest "
+            f"training images among the {search['n_train']:,} of <b>{html.escape(search['data'])}</b> "
+            f"({html.escape(search['search'])}, on unit CLIP image embeddings), compared with it in pixels "
+            f"({search['pixel_side']}px, RMS). A near-copy is at most {calibration['copy_ratio']:.2f} times as far "
+            f"from the pixel-nearest of them as from the {search['candidates']} on average: far closer to one "
+            f"training image than to its neighbourhood. The training set's own images, checked the same way "
+            f"against the others ({calibration['n']} of them, exact duplicates left out), are the reference: "
+            f"{_copy_cell(calibration['train_copies'])}; {calibration['duplicate_share']:.1%} of them have an "
+            f"exact duplicate in the data.</p>")
         rows = [[m["name"], _copy_cell(m["creativity"].get("copies"))] for m in models]
         if search.get("fresh_data"):
             rows.append(["fresh shapes scenes (reference, never trained on)", _copy_cell(search["fresh_data"])])

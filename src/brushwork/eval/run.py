@@ -273,14 +273,14 @@ def _copy_search(config: EvalConfig, facts: dict, resolution: int, embedder: Cli
     key = memorisation.index_key(data, weights_hash(clip_dir), resolution)
     index = memorisation.build_index(data, embedder, key)
     calibration = memorisation.calibrate(index, config.seed)
-    fresh = fresh_images and memorisation.find_copies(fresh_images, index, calibration, embedder)
+    fresh = fresh_images and memorisation.find_copies(fresh_images, index, embedder)
     return CopySearch(index, config.data, calibration, fresh)
 
 
 def _copies(search: CopySearch, images: list[Image.Image], prompts: list[str], embedder: ClipEmbedder,
             grid_path: Path) -> dict:
     """A model's copy rate and nearest training images, and the grid of its closest pairs."""
-    found = memorisation.find_copies(images, search.index, search.calibration, embedder)
+    found = memorisation.find_copies(images, search.index, embedder)
     cells, captions, pairs = memorisation.closest_pairs(found, images, prompts, search.index)
     report.make_grid(cells, captions).save(grid_path)
     return {"copies": memorisation.copy_summary(found), "closest_pairs": pairs, "closest_grid": grid_path.name}
@@ -438,11 +438,11 @@ def evaluate(config: EvalConfig) -> dict:
 
     if search is not None:
         figures["copy_distances"] = "copy_distances.png"
-        series = {"training set (own nearest)": search.calibration.train.embedding}
+        series = {"training set (against the rest)": search.calibration.train.relative}
         if search.fresh is not None:
-            series["fresh shapes scenes"] = search.fresh["nearest_embedding"]
-        series.update({r["name"]: r["creativity"]["copies"]["nearest_embedding"] for r in results})
-        report.distance_chart(series, search.calibration.embedding_threshold, out / figures["copy_distances"])
+            series["fresh shapes scenes"] = search.fresh["relative"]
+        series.update({r["name"]: r["creativity"]["copies"]["relative"] for r in results})
+        report.distance_chart(series, memorisation.COPY_RATIO, out / figures["copy_distances"])
 
     settings = asdict(config)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()}

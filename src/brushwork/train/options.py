@@ -96,22 +96,27 @@ class RecipeConfig(SharedConfig):
         "one per kind of change (\"a blue square below a red circle\" for one above it; NegCLIP), so that the text "
         "encoder keeps relations, shapes and counts apart. Shapes captions only. Default: 1 where the captions "
         "allow near misses, else 0.")
-    prediction_type: str = option("epsilon", "--prediction", help="UNet target: epsilon or v_prediction.")
+    prediction_type: str = option("v_prediction", "--prediction", help="UNet target: v_prediction or epsilon.")
     beta_schedule: str = option("scaled_linear", "--noise-schedule",
                                 help="linear, scaled_linear or squaredcos_cap_v2.")
-    zero_terminal_snr: bool = option(
-        False, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train up to pure noise (needs --prediction "
-        "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image.")
+    zero_terminal_snr: bool | None = option(
+        None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Train up to pure noise (needs --prediction "
+        "v_prediction), so that the layout comes from the caption, not from what the noise leaves of the image. "
+        "Default: on with v_prediction.")
     snr_gamma: float = option(5.0, "--snr-gamma", help="Min-SNR loss weighting γ; 0 turns it off.")
     caption_dropout: float = option(0.1, "--caption-dropout", help="Share of empty captions (for guidance).")
     attention_loss: float = option(
-        0.0, "--attention-loss", help="Weight of the loss that asks each object's words to attend inside its region "
-        "(needs object regions in the data: shapes has them); 0 turns it off.")
+        0.1, "--attention-loss", help="Weight of the loss that asks each object's words to attend inside its region "
+        "(used where the data has object regions: shapes has them); 0 turns it off.")
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")
     kl_weight: float = 1e-6        # the VAE's KL term
     reconstruction: str = "l1"     # the VAE's reconstruction loss
+
+    def __post_init__(self):
+        if self.zero_terminal_snr is None:
+            self.zero_terminal_snr = self.prediction_type == "v_prediction"
 
 
 
