@@ -10,7 +10,7 @@ from loop_toy import ToyGan, ToyStage, make_config
 from safetensors.torch import load_file
 
 from brushwork.errors import BrushworkError
-from brushwork.train.loop import BaseStage, StepBatchSampler, list_checkpoints, run
+from brushwork.train.loop import REFIT_LOGS, BaseStage, StepBatchSampler, list_checkpoints, run
 
 
 def read_log(path):
@@ -142,6 +142,27 @@ def test_a_time_budget_ends_the_lr_schedule_within_it(tmp_path):
                                                     lr_schedule="cosine", max_minutes=1.5 / 60))
     lrs = [r["lr"] for r in read_log(stopped.log_path)]
     assert stopped.step < 500 and lrs[0] > 0.09 and lrs[-1] < 0.05
+
+
+class SpeedsUpStage(ToyStage):
+    """Slow for its first calls (a busy machine), then fast."""
+
+    def loss(self, *args):
+        self.delay = 0.05 if self.calls < 10 else 0.002
+        return super().loss(*args)
+
+
+def test_a_run_that_speeds_up_gets_its_lr_schedule_back(tmp_path):
+    # The first estimate (step 10, at 0.05 s a step) ends the schedule near step 40; at 0.002 s a step the 3 s
+    # budget allows hundreds more. Refitting every REFIT_LOGS log steps must move the end out, not leave the
+    # rest of the run at lr 0, and the cosine must still decay within the budget.
+    stopped = run(SpeedsUpStage(), make_config(tmp_path, 5000, log_every=5, checkpoint_every=0, lr=0.1,
+                                               lr_schedule="cosine", max_minutes=3 / 60))
+    lrs = {r["step"]: r["lr"] for r in read_log(stopped.log_path)}
+    refit = 10 + REFIT_LOGS * 5
+    assert stopped.step > refit + 50, stopped.step
+    assert max(lr for step, lr in lrs.items() if step > refit) > 0.01
+    assert lrs[max(lrs)] < 0.05
 
 
 def test_resume_from_a_named_checkpoint_is_exact(tmp_path):

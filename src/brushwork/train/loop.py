@@ -59,6 +59,7 @@ PRECISIONS = ("no", "bf16", "fp16", "auto")
 # diffusers.optimization.get_scheduler's schedules (as its training scripts' --lr_scheduler), less
 # piecewise_constant, which needs rules of its own
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
+REFIT_LOGS = 20   # log steps between two fits of the lr schedule to a time budget
 REPORT_TO = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
@@ -84,8 +85,10 @@ class TrainConfig:
     resume_from: Path | None = None  # continue from this checkpoint (later ones in out_dir are replaced)
     num_workers: int = 0  # DataLoader worker processes per training process
     # With either time budget, the lr schedule ends where the budget is expected to: at the first log step after
-    # 2 * log_every steps, the steps the remaining time allows at the speed so far shorten the schedule (never
-    # lengthen it), so a cosine decays within the budget. A resumed run estimates again for its own budget.
+    # 2 * log_every steps, and every REFIT_LOGS log steps after, the steps the remaining time allows at this run's
+    # speed so far set the schedule's end (at most max_steps; moved only when it changes by 5% or more), so a
+    # cosine decays within the budget, and a run that speeds up (a machine that frees up) is not left at lr 0.
+    # A resumed run estimates again for its own budget.
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
     stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
     report_to: str = "none"  # also log to "tensorboard", "wandb", "all" of them or "none" (log.jsonl is always written)
@@ -549,6 +552,7 @@ class _Trainer:
             self.schedulers[opt_name] = self._scheduler(optimizer, config.max_steps)
             # The scheduler is not prepared: accelerate would step it once per process.
             self.optimizers[opt_name] = acc.prepare_optimizer(optimizer)
+        self.schedule_end = config.max_steps   # where the lr schedule ends (a time budget may move it)
         if self.resume_from:
             self._load_training_state(self.resume_from)
 
@@ -744,7 +748,8 @@ class _Trainer:
                     if step == self.start_step + 1 and acc.num_processes > 1:
                         self._check_replicas_in_sync()
 
-                    if step == self.start_step + 2 * config.log_every:
+                    since = step - self.start_step - 2 * config.log_every
+                    if since >= 0 and since % (REFIT_LOGS * config.log_every) == 0:
                         self._fit_schedule_to_budget(step, run_start)
                     time_up = step % config.log_every == 0 and self._time_up(run_start)
                     save_now = time_up or step == config.max_steps or (
@@ -800,8 +805,9 @@ class _Trainer:
         if self.accelerator.num_processes > 1:
             reachable = broadcast(reachable.to(self.accelerator.device), from_process=0).cpu()
         total = int(reachable.item())
-        if total >= self.config.max_steps:
+        if abs(total - self.schedule_end) < 0.05 * self.schedule_end:
             return
+        self.schedule_end = total
         self.schedulers = {name: self._scheduler(old.optimizer, total, done=step)
                            for name, old in self.schedulers.items()}
         self.accelerator.print(f"{self.stage.name}: the time budget allows about {total:,} of {self.config.max_steps:,} "

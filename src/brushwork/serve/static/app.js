@@ -174,7 +174,7 @@ const LIVE_DEBOUNCE_MS = 15;
 let live = null; // { socket, keyAt: Map("prompt\0seed" -> time of the edit) }
 let liveTimer = 0;
 let lastEdit = 0;
-window.liveFrames = []; // { prompt, ms (server), total (edit to image on screen) }, for benchmarks
+window.liveFrames = []; // { prompt, ms (server), total (edit to image on screen), at }, for benchmarks
 
 function randomSeed() {
   return crypto.getRandomValues(new Uint32Array(1))[0];
@@ -249,7 +249,7 @@ function showLiveFrame(frame) {
   image.dataset.prompt = frame.prompt;
   image.decode().then(() => {
     const total = editedAt === undefined ? NaN : performance.now() - editedAt;
-    window.liveFrames.push({ prompt: frame.prompt, ms: frame.ms, total });
+    window.liveFrames.push({ prompt: frame.prompt, ms: frame.ms, total, at: performance.now() });
     $("live-ms").textContent = `${frame.ms.toFixed(0)} ms to render` +
       (Number.isNaN(total) ? "" : ` · ${total.toFixed(0)} ms from keystroke to screen`);
   }).catch(() => {});
