@@ -11,6 +11,7 @@ For each model (and each step count of a diffusion model), in one process:
             frames and dropped messages (a later keystroke replaced them before they started).
 
     python benchmarks/bench_live.py [--models shapes-gan,shapes] [--steps 2,4,8] [--cps 8,30] [--seconds 10]
+    python benchmarks/bench_live.py --clients 4 --models shapes-gan,FEW-STEP --steps 4   # stream batching
 
 Needs the `websockets` package (uvicorn serves WebSockets with it).
 """
@@ -116,6 +117,34 @@ def typing(url: str, steps: int, cps: float, seconds: float) -> dict:
             "first": [ms for t, ms in latencies if t < half], "second": [ms for t, ms in latencies if t >= half]}
 
 
+def many_typing(url: str, clients: int, steps: int, cps: float, seconds: float) -> tuple[float, list[float]]:
+    """`clients` connections typing at once: frames per second over all of them, and every frame's latency."""
+    results = [None] * clients
+
+    def client(index: int) -> None:
+        results[index] = typing(url, steps, cps, seconds)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(r["frames"] for r in results) / seconds, [ms for r in results for ms in r["all"]]
+
+
+def stream_batching(pipe, model: str, clients: int, steps: int, seconds: float, watermark: bool) -> None:
+    """The same clients against a server that renders one frame per call, then one that batches a round's."""
+    print(f"\n{model}: {clients} clients typing at 30 char/s for {seconds:g} s")
+    rates = {}
+    for max_batch in (1, clients):
+        with Server(pipe, ServeConfig(watermark=watermark, default_steps=steps, max_batch=max_batch)) as server:
+            url = server.url.replace("http", "ws") + "/v1/live"
+            rates[max_batch], latencies = many_typing(url, clients, steps, 30.0, seconds)
+        label = "one frame per call" if max_batch == 1 else f"stream batch of up to {max_batch}"
+        print(f"  {label:28} {rates[max_batch]:6.1f} frames/s  {percentiles(latencies)}")
+    print(f"  stream batching: {rates[clients] / rates[1]:.2f}x the frames")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="shapes-gan,shapes")
@@ -125,6 +154,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=30, help="frames for the baseline and one-at-a-time runs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--watermark", action="store_true", help="watermark live frames, as serve does by default")
+    parser.add_argument("--clients", type=int, default=0, help="also: this many clients at once, with and without "
+                        "stream batching (frames of one round in one pipeline call)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -135,6 +166,9 @@ def main() -> None:
         pipe(["warm up"], num_inference_steps=step_counts[0], seed=0)
         # live mode refuses fewer steps than the server's default to a model that is not few-step
         config = ServeConfig(watermark=args.watermark, default_steps=min(step_counts))
+        if args.clients:
+            stream_batching(pipe, model, args.clients, step_counts[-1], args.seconds, args.watermark)
+            continue
         with Server(pipe, config) as server:
             url = server.url.replace("http", "ws") + "/v1/live"
             for steps in step_counts:

@@ -28,14 +28,17 @@ def pipe(tmp_path_factory):
 
 
 class RecordingPipe(GatedPipe):
-    """GatedPipe that also records each call's first prompt, in order."""
+    """GatedPipe that also records each call's prompts, in order: its first in .prompts, all in .batches."""
 
     def __init__(self, pipe):
         super().__init__(pipe)
         self.prompts: list[str] = []
+        self.batches: list[list[str]] = []
 
     def __call__(self, prompts, **kwargs):
-        self.prompts.append(prompts[0] if isinstance(prompts, list) else prompts)
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        self.prompts.append(prompts[0])
+        self.batches.append(list(prompts))
         return super().__call__(prompts, **kwargs)
 
 
@@ -184,10 +187,14 @@ def test_a_disconnect_cancels_the_rendering_frame_and_frees_the_connection(pipe)
         assert metric(client, "brushwork_live_frames_total", "dropped") == 1
 
 
-def test_live_frames_and_queued_jobs_take_fair_turns(pipe):
+@pytest.mark.parametrize("max_batch, calls", [
+    (8, [["live 1"], ["job"], ["live 2", "other 1"]]),      # the round's frames share one call (stream batch)
+    (1, [["live 1"], ["job"], ["live 2"], ["other 1"]]),
+])
+def test_live_frames_and_queued_jobs_take_fair_turns(pipe, max_batch, calls):
     gated = RecordingPipe(pipe)
     gated.gate.clear()
-    with client_for(gated) as client, client.websocket_connect("/v1/live") as first, \
+    with client_for(gated, max_batch=max_batch) as client, client.websocket_connect("/v1/live") as first, \
             client.websocket_connect("/v1/live") as second:
         first.send_json({"prompt": "live 1", "seed": 1})
         wait_until(gated.entered.is_set)
@@ -199,8 +206,13 @@ def test_live_frames_and_queued_jobs_take_fair_turns(pipe):
         assert "error" in first.receive_json() and "error" in second.receive_json()
         gated.gate.set()
         assert [first.receive_json()["prompt"] for _ in range(2)] == ["live 1", "live 2"]
-        assert second.receive_json()["prompt"] == "other 1"
-        assert gated.prompts == ["live 1", "job", "live 2", "other 1"]
+        other = second.receive_json()
+        assert other["prompt"] == "other 1"
+        shared = PIL.Image.open(io.BytesIO(base64.b64decode(other["image"])))
+        assert gated.batches == calls
+        if max_batch > 1:   # a frame rendered in a shared call is the frame it would be alone
+            direct = pipe("other 1", num_inference_steps=STEPS, guidance_scale=5.0, seed=1).images[0]
+            assert np.abs(np.asarray(shared.convert("RGB")).astype(int) - np.asarray(direct).astype(int)).max() <= 1
         assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "succeeded"
 
 

@@ -1,7 +1,8 @@
 """The job queue: a bounded FIFO, one worker thread that samples compatible jobs together in one pipeline
 call (one UNet batch), previews, cancellation, timeouts and a clean shutdown. The same thread renders the
 frames of live connections (/v1/live): each holds at most one waiting frame (the latest wins), and turns are
-fair: every live connection with a frame renders one, then one batch of queued jobs runs.
+fair: every live connection with a frame renders one (frames of the same steps and guidance in one pipeline
+call, up to max_batch), then one batch of queued jobs runs.
 
 Threads: the pipeline runs only in the worker thread; HTTP handlers run in the event loop. Job state
 changes under the scheduler's lock; event-loop code waits for changes with `await job.wait_change(...)`.
@@ -405,17 +406,27 @@ class JobScheduler:
             self._queue.remove(job)
         return batch
 
-    def _next_live(self) -> tuple[LiveSession, LiveFrame] | None:
-        """The live frame whose turn it is, or None when queued jobs go next. Call with the lock held."""
+    def _next_live(self) -> list[tuple[LiveSession, LiveFrame]]:
+        """The live frames whose turn it is, as one batch: the round's next waiting frame and the round's other
+        frames with the same steps and guidance, up to max_batch (a stream batch: several connections share one
+        pipeline call). Empty when queued jobs go next. Call with the lock held."""
         if not self._live_round and self._live_ready and not (self._queue and self._batch_turn):
             self._live_round, self._live_ready = self._live_ready, deque()
             self._batch_turn = True
-        while self._live_round:
-            session = self._live_round.popleft()
-            if session.pending is not None:
-                frame, session.pending = session.pending, None
-                return session, frame
-        return None
+        batch = []
+        for session in list(self._live_round):
+            frame = session.pending
+            if frame is None:
+                self._live_round.remove(session)
+                continue
+            if batch and (frame.steps, frame.guidance) != (batch[0][1].steps, batch[0][1].guidance):
+                continue
+            self._live_round.remove(session)
+            session.pending = None
+            batch.append((session, frame))
+            if len(batch) == self.max_batch:
+                break
+        return batch
 
     def _work(self) -> None:
         while True:
@@ -428,7 +439,7 @@ class JobScheduler:
                         return
                     self._cond.wait(timeout=0.5)
                 live = self._next_live()
-                if live is None:
+                if not live:
                     if not self._queue:
                         continue
                     self._batch_turn = False
@@ -439,8 +450,8 @@ class JobScheduler:
                         self.metrics.queue_wait.observe(time.monotonic() - job.submitted)
                         job.notify()
                     self._running = batch
-            if live is not None:
-                self._render_live(*live)
+            if live:
+                self._render_live(live)
                 continue
             started = time.monotonic()
             try:
@@ -507,27 +518,43 @@ class JobScheduler:
                     self.metrics.images.inc(len(job.images))
                     self._finish(job, SUCCEEDED)
 
-    def _render_live(self, session: LiveSession, frame: LiveFrame) -> None:
+    def _render_live(self, batch: list[tuple[LiveSession, LiveFrame]]) -> None:
+        sessions, frames = [session for session, _ in batch], [frame for _, frame in batch]
+
         def on_step(pipe, index: int, timestep, tensors: dict) -> dict:
-            return {"cancel": True} if session.closed or time.monotonic() > self._stop_deadline else {}
+            stop = all(session.closed for session in sessions) or time.monotonic() > self._stop_deadline
+            return {"cancel": True} if stop else {}
+
+        prompts, seeds = [frame.prompt for frame in frames], [frame.seed for frame in frames]
+        if self.batch_sizes is not None:
+            fill = padded_batch_size(len(prompts), self.batch_sizes) - len(prompts)
+            prompts, seeds = prompts + prompts[-1:] * fill, seeds + seeds[-1:] * fill
+        def deliver(session: LiveSession, result: LiveResult) -> None:
+            if not session.closed:
+                session.rendered += result.png is not None
+                session.deliver(result)
 
         try:
-            output = self.pipe([frame.prompt], num_inference_steps=frame.steps, guidance_scale=frame.guidance,
-                               seed=frame.seed, callback_on_step_end=on_step)
-            result = LiveResult(frame, png=self._encode(output.images[0],
-                                                        pnginfo.format_parameters(**output.parameters(0))))
-            outcome = "rendered"
+            output = self.pipe(prompts, num_inference_steps=frames[0].steps, guidance_scale=frames[0].guidance,
+                               seed=seeds, callback_on_step_end=on_step)
         except GenerationCancelled:
-            result, outcome = None, "cancelled"
+            self.metrics.live_frames.labels("cancelled").inc(len(frames))
+            return
         except BrushworkError as error:
-            result, outcome = LiveResult(frame, error=str(error)), "failed"
-        except Exception as error:  # keep serving; the connection hears what went wrong
+            failure = str(error)
+        except Exception as error:  # keep serving; the connections hear what went wrong
             log.exception("live frame failed")
-            result, outcome = LiveResult(frame, error=f"internal error: {type(error).__name__}: {error}"), "failed"
-        self.metrics.live_frames.labels(outcome).inc()
-        if result is not None and not session.closed:
-            session.rendered += result.png is not None
-            session.deliver(result)
+            failure = f"internal error: {type(error).__name__}: {error}"
+        else:
+            self.metrics.live_frames.labels("rendered").inc(len(frames))
+            for i, (session, frame) in enumerate(batch):   # each frame leaves as soon as it is encoded
+                if not session.closed:
+                    text = pnginfo.format_parameters(**output.parameters(i))
+                    deliver(session, LiveResult(frame, png=self._encode(output.images[i], text)))
+            return
+        self.metrics.live_frames.labels("failed").inc(len(frames))
+        for session, frame in batch:
+            deliver(session, LiveResult(frame, error=failure))
 
     def _encode(self, image: PIL.Image.Image, parameters: str) -> bytes:
         return png_bytes(watermark.embed(image) if self.watermark else image, parameters)
