@@ -85,9 +85,10 @@ class TrainConfig:
     resume_from: Path | None = None  # continue from this checkpoint (later ones in out_dir are replaced)
     num_workers: int = 0  # DataLoader worker processes per training process
     # With either time budget, the lr schedule ends where the budget is expected to: at the first log step after
-    # 2 * log_every steps, and every REFIT_LOGS log steps after, the steps the remaining time allows at this run's
-    # speed so far set the schedule's end (at most max_steps; moved only when it changes by 5% or more), so a
-    # cosine decays within the budget, and a run that speeds up (a machine that frees up) is not left at lr 0.
+    # 2 * log_every steps, every REFIT_LOGS log steps after, and at the schedule's end, the steps the time left
+    # allows at this run's speed so far set the schedule's end (at most max_steps; before the end, moved only
+    # when it changes by 5% or more), so a cosine decays within the budget, a run that speeds up (a machine that
+    # frees up) is not left at lr 0, and one that reaches its end early does not climb the cosine's next cycle.
     # A resumed run estimates again for its own budget.
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
     stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
@@ -749,7 +750,7 @@ class _Trainer:
                         self._check_replicas_in_sync()
 
                     since = step - self.start_step - 2 * config.log_every
-                    if since >= 0 and since % (REFIT_LOGS * config.log_every) == 0:
+                    if since >= 0 and (since % (REFIT_LOGS * config.log_every) == 0 or step == self.schedule_end):
                         self._fit_schedule_to_budget(step, run_start)
                     time_up = step % config.log_every == 0 and self._time_up(run_start)
                     save_now = time_up or step == config.max_steps or (
@@ -805,8 +806,9 @@ class _Trainer:
         if self.accelerator.num_processes > 1:
             reachable = broadcast(reachable.to(self.accelerator.device), from_process=0).cpu()
         total = int(reachable.item())
-        if abs(total - self.schedule_end) < 0.05 * self.schedule_end:
-            return
+        near = 0.05 * self.schedule_end
+        if abs(total - self.schedule_end) < near if step < self.schedule_end else total - step < near:
+            return   # a small move before the end; at the end, too little time left to be worth a new cosine
         self.schedule_end = total
         self.schedulers = {name: self._scheduler(old.optimizer, total, done=step)
                            for name, old in self.schedulers.items()}
