@@ -169,6 +169,13 @@ def test_fine_tuning_starts_from_another_models_unet(model, tmp_path):
     assert source_facts["model"] == str(model) and source_facts["steps"] == 6
     assert f"started from the UNet of `{model}` after 6 steps" in (out / "README.md").read_text()
     assert ModelCard.load(out / "README.md").data.base_model == model.name
+    assert "predicts" not in result.output   # same target as the source: nothing to say
+    other_target = tmp_path / "epsilon"
+    shutil.copytree(model, other_target, ignore=shutil.ignore_patterns("runs"))
+    result = _train("unet", *TINY, "--out", str(other_target), "--steps", "2", "--init", str(model),
+                    "--prediction", "epsilon")
+    assert result.exit_code == 0, result.output
+    assert "predicts v_prediction; this run trains it to predict epsilon (pass --prediction v_prediction" in result.output
 
 
 def test_fine_tuning_refuses_a_unet_that_does_not_fit(model, tmp_path):

@@ -529,6 +529,7 @@ class JobScheduler:
         if self.batch_sizes is not None:
             fill = padded_batch_size(len(prompts), self.batch_sizes) - len(prompts)
             prompts, seeds = prompts + prompts[-1:] * fill, seeds + seeds[-1:] * fill
+
         def deliver(session: LiveSession, result: LiveResult) -> None:
             if not session.closed:
                 session.rendered += result.png is not None

@@ -119,7 +119,6 @@ class RecipeConfig(SharedConfig):
             self.zero_terminal_snr = self.prediction_type == "v_prediction"
 
 
-
 @dataclasses.dataclass(kw_only=True)
 class GanTrainConfig(SharedConfig):
     """The options of `brushwork train gan`."""

@@ -451,14 +451,14 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
     steps = p.steps["unet"]
     unet, extra = build_unet(p.size, seed=p.config.seed), {}
     if c.init_unet is not None:
-        unet = initial_unet(resolve_model(c.init_unet), text_encoder, vae)
+        source = resolve_model(c.init_unet)
+        unet = initial_unet(source, text_encoder, vae)
         extra["initialized_from"] = _init_facts(c.init_unet)
-        source = resolve_model(c.init_unet) / "scheduler" / "scheduler_config.json"
-        target = json.loads(source.read_text()).get("prediction_type", "epsilon") if source.is_file() else None
+        scheduler_config = source / "scheduler" / "scheduler_config.json"
+        target = json.loads(scheduler_config.read_text()).get("prediction_type") if scheduler_config.is_file() else None
         if target and target != c.prediction_type and _main_process():
             print(f"{c.init_unet} predicts {target}; this run trains it to predict {c.prediction_type} (pass "
-                  f"--prediction {target}" + (" --no-zero-terminal-snr" if target == "epsilon" else "")
-                  + " to keep its target).")
+                  f"--prediction {target} to keep its target).")
     # Caching every latent up front pays off when training sees each item at least once.
     attention_loss = c.attention_loss
     if attention_loss > 0 and not p.data[0].get("regions"):
