@@ -144,6 +144,18 @@ def test_a_time_budget_ends_the_lr_schedule_within_it(tmp_path):
     assert stopped.step < 500 and lrs[0] > 0.09 and lrs[-1] < 0.05
 
 
+def test_a_warmup_given_as_a_share_follows_the_schedule_the_budget_leaves(tmp_path):
+    # 500 warm-up steps of 10,000 would outlast the ~70 steps 1.5 s allows: as 5% it is a few steps of those.
+    stopped = run(ToyStage(delay=0.02), make_config(tmp_path, 10_000, log_every=5, checkpoint_every=0, lr=0.1,
+                                                    lr_schedule="cosine", warmup_steps=500, warmup_share=0.05,
+                                                    max_minutes=1.5 / 60))
+    lrs = [r["lr"] for r in read_log(stopped.log_path)]
+    assert stopped.step < 200 and max(lrs) > 0.09 and lrs[-1] < 0.05, lrs
+    whole = run(ToyStage(), make_config(tmp_path / "whole", 40, log_every=1, checkpoint_every=0, lr=0.1,
+                                        lr_schedule="linear", warmup_steps=500, warmup_share=0.05))
+    assert [r["lr"] for r in read_log(whole.log_path)][:3] == pytest.approx([0.05, 0.1, 0.1 * 37 / 38])   # 2 of 40
+
+
 class SpeedsUpStage(ToyStage):
     """Slow for its first calls (a busy machine), then fast."""
 
@@ -188,6 +200,7 @@ def test_resume_without_checkpoint_starts_at_zero(tmp_path):
     ({"mixed_precision": "fp16"}, "fp16"),
     ({"max_steps": 0}, "max_steps"),
     ({"max_minutes": 0}, "max_minutes"),
+    ({"warmup_share": 1.5}, "warmup_share"),
 ])
 def test_bad_config(tmp_path, overrides, pattern):
     with pytest.raises(BrushworkError, match=pattern):

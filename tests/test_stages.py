@@ -167,20 +167,33 @@ def test_empty_caption_embedding_is_finite_and_cached(unet_stage):
     assert len(calls) == 1
 
 
-def test_latent_cache_matches_the_vae(unet_stage, data):
-    cached = unet_stage.dataset()
-    assert len(cached) == len(data)
+def test_the_latent_cache_encodes_an_item_once_when_first_drawn_and_matches_the_vae(unet_stage, data):
+    cache = unet_stage.dataset()
+    assert len(cache) == len(data) and not cache.encoded.any()   # nothing is encoded up front
     with torch.no_grad():
         expected = unet_stage.vae.encode(data[3]["pixel_values"][None]).latent_dist.mode()[0]
     expected = expected * unet_stage.vae.config.scaling_factor
-    torch.testing.assert_close(cached[3]["latents"].float(), expected, atol=2e-3, rtol=2e-3)
-    assert cached[3]["text"] == data[3]["text"]
+    encodes = []
+    hook = unet_stage.vae.encoder.register_forward_hook(lambda module, args, out: encodes.append(len(args[0])))
+    first = unet_stage.collate([cache[i] for i in (3, 5)])
+    latents = unet_stage.batch_latents(first)
+    assert encodes == [2] and cache.encoded.sum() == 2
+    torch.testing.assert_close(latents[0], expected, atol=2e-3, rtol=2e-3)
+    again = [cache[i] for i in (5, 3, 6)]
+    assert "pixel_values" not in again[0] and again[1]["text"] == data[3]["text"]   # read, not rendered
+    assert torch.equal(unet_stage.batch_latents(unet_stage.collate(again))[:2], latents.flip(0))
+    assert encodes == [2, 1]   # only item 6 is new
+    # a worker's copy made before the cache filled sends pixels for cached items: they are read, not re-encoded
+    stale = unet_stage.collate([data[3] | {"index": 3}, data[7] | {"index": 7}])
+    assert torch.equal(unet_stage.batch_latents(stale)[0], latents[0]) and encodes == [2, 1, 1]
+    hook.remove()
 
 
 def test_unet_loss_is_reproducible_and_uncached_path_agrees(unet_stage, data):
     cached = unet_stage.dataset()
     batch = unet_stage.collate([cached[i] for i in range(8)])
     loss_a, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(1))
+    batch = unet_stage.collate([cached[i] for i in range(8)])    # now read from the cache
     loss_b, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(1))
     loss_c, _ = unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(2))
     assert torch.isfinite(loss_a) and loss_a.item() == loss_b.item() != loss_c.item()

@@ -26,7 +26,9 @@ def _train(*args: str):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny"
-    result = _train(*TINY, "--out", str(out))
+    # run as `python -m brushwork.cli`: the card still names the command as `brushwork train ...`
+    result = runner.invoke(app, ["train", *TINY, "--out", str(out), "--max-minutes", "120"],
+                           prog_name="python -m brushwork.cli")
     assert result.exit_code == 0, result.output
     return out
 
@@ -52,12 +54,14 @@ def test_recipe_writes_a_pipeline_that_generates(model):
 
 def test_model_card_and_run_dirs(model):
     card = (model / "README.md").read_text()
-    assert "`brushwork train --data shapes --out " in card and "--size tiny --n 64`" in card
+    assert "`brushwork train --data shapes --out " in card and "--size tiny --n 64 --max-minutes 120`" in card
+    facts = json.loads((model / "training.json").read_text())
+    assert facts["command_wall_time_s"] >= sum(stage["train_time_s"] for stage in facts["stages"].values())
+    assert f"- Wall time of the last command: {facts['command_wall_time_s'] / 60:.1f} min" in card
     for stage in ("clip", "vae", "unet"):
         assert f"| {stage} |" in card
         assert (model.parent / "tiny.runs" / stage / "log.jsonl").is_file()
     assert not (model / "runs").exists()   # nothing pickled inside the folder one shares
-    facts = json.loads((model / "training.json").read_text())
     assert facts["stages"]["unet"]["steps"] == 6 and facts["n"] == 64
     assert 0.0 <= facts["stages"]["vae"]["reconstructions_exact"] <= 1.0
     assert "of held-out VAE reconstructions" in (model / "README.md").read_text()
@@ -199,7 +203,7 @@ def test_clip_near_misses_are_recorded_and_need_shapes_captions(tmp_path, photo_
     assert result.exit_code == 0, result.output
     facts = json.loads((out / "training.json").read_text())
     assert facts["stages"]["clip"]["hard_negatives"] == 1.0
-    assert "--hard-negatives 1.0" in (out / "README.md").read_text()
+    assert "--hard-negatives 1`" in (out / "README.md").read_text()
     logged = json.loads((runs_folder(out) / "clip" / "log.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= logged["near_miss_accuracy"] <= 1.0
     result = _train("clip", *TINY, "--out", str(out), "--steps", "10", "--resume", "--hard-negatives", "0")
@@ -231,7 +235,7 @@ def test_config_file_with_flags_overriding_it(tmp_path):
     # the card's command stands alone: the file's options written out as flags
     command = facts["commands"][0]
     assert "--config" not in command and "--size tiny --steps 2 --n 64" in command
-    assert command.endswith("--hard-negatives 1.0")
+    assert command.endswith("--hard-negatives 1")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -298,7 +302,24 @@ def test_the_budget_is_split_across_the_stages_of_the_command(tmp_path):
     ends = {stage: p.stop_at(stage) - p.started for stage in ("clip", "vae", "unet")}
     # 15% / 20% / 65% of 600 s, each less 5% of its share (at most a minute) for the work after training
     assert ends == pytest.approx({"clip": 90 - 4.5, "vae": 210 - 6, "unet": 600 - 19.5})
-    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n")).stop_at("unet") is None
+    by_default = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n"))
+    assert by_default.stop_at("unet") - by_default.started == pytest.approx(150 * 60 - 60)   # the one command's 150
+    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "o", max_minutes=0)).stop_at("unet") is None
+
+
+def test_each_stage_has_its_own_batch_and_batch_size_sets_them_all(tmp_path):
+    from brushwork.train.recipe import RecipeConfig, plan
+
+    assert plan(RecipeConfig(data="shapes", n=64, out=tmp_path / "m")).batch_sizes == {"clip": 64, "vae": 16, "unet": 64}
+    given = plan(RecipeConfig(data="shapes", n=64, out=tmp_path / "n", batch_size=32))
+    assert given.batch_sizes == {"clip": 32, "vae": 32, "unet": 32}
+    result = _train("--data", "shapes", "--n", "64", "--out", str(tmp_path / "o"), "--gradient-accumulation-steps", "32")
+    assert result.exit_code == 1 and "The vae stage's batch of 16 images must be a multiple" in result.output
+
+
+def test_a_negative_budget_is_refused(tmp_path):
+    result = _train(*TINY, "--out", str(tmp_path / "m"), "--max-minutes", "-5")
+    assert result.exit_code == 1 and "0 for no time limit" in result.output, result.output
 
 
 def test_train_reports_skipped_files_like_inspect(tmp_path, photo_folder):

@@ -55,7 +55,11 @@ def _on_command_line(ctx: typer.Context, name: str) -> bool:
 
 def _command_line(ctx: typer.Context, config) -> str:
     """The command that trains with `config` (a config file's options written out as flags): for the model card."""
-    words = ["brushwork", *ctx.command_path.split()[1:]]
+    names, parent = [], ctx
+    while parent.parent is not None:   # the subcommands under the root, however the root was run (python -m ...)
+        names.insert(0, parent.info_name)
+        parent = parent.parent
+    words = ["brushwork", *names]
     names = option_fields(type(config))
     for param in ctx.command.params:
         if param.name not in names:
@@ -67,12 +71,15 @@ def _command_line(ctx: typer.Context, config) -> str:
             if param.is_flag:
                 words.append(param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0])
             else:
-                words += [w for v in values for w in (param.opts[0], str(v))]
+                words += [w for v in values for w in (param.opts[0], f"{v:g}" if isinstance(v, float) else str(v))]
     return shlex.join(words)
 
 
 def _train_recipe(ctx: typer.Context, stages: tuple[str, ...], config_file: Path | None) -> None:
+    from brushwork.generation.loading import quiet_libraries
     from brushwork.train.recipe import train as train_recipe  # torch and diffusers: only when training
+
+    quiet_libraries()
 
     folder = train_recipe(_config(ctx, RecipeConfig, config_file), stages)
     console.print(f"trained {', '.join(stages)} into {folder}")
@@ -279,7 +286,10 @@ def gan(
         typer.echo("Warning: `train gan --hard-negatives` is now --mismatch-share (D's share of near-miss captions); "
                    "the old name will go.", err=True)
         renamed["mismatch_share"] = hard_negatives
+    from brushwork.generation.loading import quiet_libraries
     from brushwork.train.gan import train_gan
+
+    quiet_libraries()
 
     folder = train_gan(_config(ctx, GanTrainConfig, config_file, **renamed))
     console.print(f"trained a GAN into {folder}")
@@ -319,7 +329,10 @@ def distill(
 ) -> None:
     """Distil a diffusion model (the teacher) into a few-step one by latent consistency distillation: writes a
     LatentConsistencyModelPipeline folder to OUT (brushwork generate --model OUT --steps 4)."""
+    from brushwork.generation.loading import quiet_libraries
     from brushwork.train.distill import train_distill
+
+    quiet_libraries()
 
     folder = train_distill(_config(ctx, DistillConfig, config_file))
     console.print(f"distilled {ctx.params['teacher']} into {folder}")

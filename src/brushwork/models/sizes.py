@@ -31,7 +31,9 @@ class ModelSize:
     vae: dict                # AutoencoderKL kwargs
     unet: dict               # UNet2DConditionModel kwargs (cross_attention_dim comes from clip_text)
     steps: dict = field(default_factory=dict)   # default optimizer steps per stage: clip, vae, unet
-    batch_size: int = 64
+    # images per optimizer step, per stage. The VAE takes small batches: at 16 it reached 95% exact reconstructions
+    # in 6 minutes on 2 CPU cores (900 steps), at 64 3% (200 steps), for about the same images seen.
+    batch_sizes: dict = field(default_factory=dict)
 
     @property
     def latent_size(self) -> int:
@@ -87,7 +89,7 @@ _SMALL = ModelSize(
     vae=_vae((32, 64, 128), layers=1, groups=8),
     unet=_unet((32, 64, 128), layers=2, heads=(1, 2, 4), pooling_heads=4),
     steps=dict(clip=2000, vae=2000, unet=10000),
-    batch_size=64,
+    batch_sizes=dict(clip=64, vae=16, unet=64),
 )
 
 SIZES: dict[str, ModelSize] = {
@@ -101,7 +103,7 @@ SIZES: dict[str, ModelSize] = {
         vae=_vae((8, 16, 16), layers=1, groups=4),
         unet=_unet((16, 32), layers=1, heads=(2, 2), pooling_heads=2),
         steps=dict(clip=4, vae=4, unet=6),
-        batch_size=8,
+        batch_sizes=dict(clip=8, vae=8, unet=8),
     ),
     # small with a 2-layer text tower and one ResNet block per UNet level
     "compact": replace(_SMALL, name="compact", clip_text=dict(_SMALL.clip_text, num_hidden_layers=2),
@@ -117,7 +119,7 @@ SIZES: dict[str, ModelSize] = {
         vae=_vae((64, 128, 256), layers=2, groups=32),
         unet=_unet((128, 256, 512), layers=2, heads=(4, 8, 16), pooling_heads=8),
         steps=dict(clip=20000, vae=20000, unet=100000),
-        batch_size=256,
+        batch_sizes=dict(clip=256, vae=256, unet=256),
     ),
 }
 

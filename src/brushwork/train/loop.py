@@ -72,6 +72,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # When set, the warm-up is this share of the lr schedule's length, at most warmup_steps: a schedule that a
+    # time budget shortens keeps its proportions instead of ending inside its warm-up.
+    warmup_share: float | None = None
     lr_schedule: str = "constant"  # one of LR_SCHEDULES ("constant" takes no warm-up: "constant_with_warmup" does)
     mixed_precision: str = "auto"  # "no" | "bf16" | "fp16" | "auto" (bf16 where the hardware has it)
     ema_decay: float | None = None
@@ -364,6 +367,8 @@ def _check_config(config: TrainConfig) -> None:
         problems.append(f"keep_checkpoints must be >= 1 (got {config.keep_checkpoints})")
     if min(config.checkpoint_every, config.sample_every, config.warmup_steps, config.num_workers) < 0:
         problems.append("checkpoint_every, sample_every, warmup_steps and num_workers must be >= 0")
+    if config.warmup_share is not None and not 0 <= config.warmup_share <= 1:
+        problems.append(f"warmup_share must be between 0 and 1 (got {config.warmup_share})")
     if config.log_every < 1:
         problems.append(f"log_every must be >= 1 (got {config.log_every})")
     if config.max_minutes is not None and not config.max_minutes > 0:
@@ -567,7 +572,10 @@ class _Trainer:
 
     def _scheduler(self, optimizer, total_steps: int, done: int = 0):
         """The lr schedule over `total_steps`, `done` steps into it."""
-        scheduler = get_scheduler(self.config.lr_schedule, optimizer, num_warmup_steps=self.config.warmup_steps,
+        warmup = self.config.warmup_steps
+        if self.config.warmup_share is not None:
+            warmup = min(warmup, round(self.config.warmup_share * total_steps))
+        scheduler = get_scheduler(self.config.lr_schedule, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=total_steps)
         if done:
             scheduler.last_epoch = done - 1

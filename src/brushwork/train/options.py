@@ -18,6 +18,9 @@ from brushwork.tokenizer import DEFAULT_VOCAB_SIZE
 
 LOSSES = ("hinge", "nonsaturating")  # the GAN's adversarial losses
 STAGES = ("clip", "vae", "unet")  # the recipe's stages, in order
+# The recipe's default time budget: `brushwork train --data D --out M` ends within it on a 2-core CPU; on a GPU
+# the step counts end it sooner.
+DEFAULT_RECIPE_MINUTES = 150.0
 
 
 def option(default, *flags: str, help: str):
@@ -42,7 +45,8 @@ class SharedConfig:
     caption_column: str | None = option(None, "--caption-column", help="Column holding the captions (default: "
                                         "text, caption, prompt, ...).")
     out: Path | None = option(None, "--out", "-o", help="Model folder to write (diffusers layout).")
-    batch_size: int | None = option(None, "--batch-size", help="Images per step (default: the size's).")
+    batch_size: int | None = option(None, "--batch-size", help="Images per step, of every stage the command trains "
+                                    "(default: the size's; the recipe's small: CLIP 64, VAE 16, UNet 64).")
     n: int | None = option(None, "--n", help="Use this many items (shapes: images to draw; default 100000).")
     work: Path | None = option(None, "--work",
                                help="Folder for checkpoints, logs and samples (default: OUT.runs beside OUT).")
@@ -55,9 +59,9 @@ class SharedConfig:
     sample_every: int = option(500, "--sample-every", help="Steps between sample grids; 0: never.")
     num_workers: int = option(0, "--workers", help="Data loader worker processes.")
     max_minutes: float | None = option(None, "--max-minutes",
-                                       help="Wall-clock budget of the whole command in minutes (the recipe splits "
-                                       "it: CLIP 15%, VAE 20%, UNet 65%); training stops with a checkpoint, saved "
-                                       "as if its steps were done, when its time is spent; --resume goes on.")
+                                       help="Wall-clock budget of the whole command in minutes: training stops "
+                                       "with a checkpoint, saved as if its steps were done, when its time is spent; "
+                                       "--resume goes on.")
     report_to: str = option("none", "--report-to", help="Also log losses, lr and sample grids to tensorboard, "
                             "wandb (offline unless WANDB_MODE says), all or none; log.jsonl is always written.")
     command: str = ""  # the command line that trains with these settings, for the model card
@@ -80,7 +84,8 @@ class RecipeConfig(SharedConfig):
                                "cosine_with_restarts, linear or polynomial. Under --max-minutes it ends where the "
                                "time is expected to run out.")
     lr_warmup_steps: int | None = option(None, "--lr-warmup-steps", help="Steps of linear warm-up (default: 5% of "
-                                         "a stage's steps, at most 500).")
+                                         "the steps a stage trains, at most 500; under --max-minutes, of those its "
+                                         "time allows).")
     gradient_accumulation_steps: int = option(1, "--gradient-accumulation-steps", help="Micro-batches each step's "
                                               "--batch-size images are split into: less memory, the same steps.")
     validation_prompts: list[str] | None = option(None, "--validation-prompts", help="A prompt of the UNet's "
@@ -111,6 +116,11 @@ class RecipeConfig(SharedConfig):
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")
+    max_minutes: float | None = option(
+        DEFAULT_RECIPE_MINUTES, "--max-minutes", help="Wall-clock budget of the whole command in minutes (default "
+        f"{DEFAULT_RECIPE_MINUTES:g}; 0: none, train every step), split across the stages it trains (the whole "
+        "recipe: CLIP 15%, VAE 20%, UNet 65%). "
+        "A stage whose time is spent stops with a checkpoint, saved as if its steps were done; --resume goes on.")
     kl_weight: float = 1e-6        # the VAE's KL term
     reconstruction: str = "l1"     # the VAE's reconstruction loss
 

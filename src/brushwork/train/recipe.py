@@ -41,8 +41,8 @@ from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_sc
                                     normalize_latents, text_encoder_from_clip)
 
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
-RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n", "size", "resolution", "batch_size",
-                          "seed"), "clip": ("vocab_size", "hard_negatives"),
+RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n", "size", "resolution", "seed"),
+               "clip": ("vocab_size", "hard_negatives"),
                "vae": ("kl_weight", "reconstruction"),
                "unet": ("prediction_type", "beta_schedule", "zero_terminal_snr", "snr_gamma", "caption_dropout")}
 
@@ -64,7 +64,7 @@ class Plan:
     size: ModelSize
     data: torch.utils.data.Dataset
     steps: dict[str, int]
-    batch_size: int
+    batch_sizes: dict[str, int]   # images per step, per stage
     resume_stage: str | None = None  # the stage --resume-from-checkpoint PATH names
 
     @property
@@ -81,8 +81,8 @@ class Plan:
         """When `stage` must stop training (time.time()) so that the whole command keeps to --max-minutes: the
         end of its share of the budget, less a little for the work after its training (latent statistics,
         checks, export)."""
-        if self.config.max_minutes is None:
-            return None
+        if not self.config.max_minutes:
+            return None   # 0: no budget
         stages = list(self.steps)
         shares = budget_shares(tuple(stages))
         budget = self.config.max_minutes * 60
@@ -108,10 +108,11 @@ def budget_shares(stages: tuple[str, ...]) -> dict[str, float]:
     return {s: BUDGET_SHARES[s] / total for s in stages}
 
 
-def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize, batch_size: int) -> dict:
+def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelSize,
+                     batch_sizes: dict[str, int]) -> dict:
     keys = [key for group in ("common", *stages) for key in RESUME_KEYS[group]]
     settings = {key: getattr(config, key) for key in keys}
-    settings.update(resolution=size.resolution, batch_size=batch_size)
+    settings.update(resolution=size.resolution, **{f"{stage}_batch_size": batch_sizes[stage] for stage in stages})
     if "snr_gamma" in settings:
         settings["snr_gamma"] = config.snr_gamma or None   # off is null in recipe.json, as it always was
     return json.loads(json.dumps(settings, default=str))
@@ -132,11 +133,14 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
                              f"multiple of {vae_factor * unet_factor} (VAE and UNet downsampling) and of "
                              f"{size.clip_vision['patch_size']} (CLIP patch size), e.g. 64.")
     steps = {stage: getattr(config, f"steps_{stage}") or size.steps[stage] for stage in stages}
-    batch_size = config.batch_size or size.batch_size
-    if batch_size < 1 or min(steps.values()) < 1:
+    batch_sizes = {stage: config.batch_size or size.batch_sizes[stage] for stage in stages}
+    if min(batch_sizes.values()) < 1 or min(steps.values()) < 1:
         raise BrushworkError("--batch-size and the step counts must be at least 1.")
     noise_schedule(config.beta_schedule, config.prediction_type, zero_terminal_snr=config.zero_terminal_snr)  # raises
-    if config.max_minutes is not None:
+    if config.max_minutes is not None and config.max_minutes < 0:
+        raise BrushworkError(f"--max-minutes must be a number of minutes, or 0 for no time limit; got "
+                             f"{config.max_minutes:g}.")
+    if config.max_minutes:
         shares = budget_shares(stages)
         least = max(MIN_STAGE_MINUTES / share for share in shares.values())
         if not config.max_minutes >= least:
@@ -150,10 +154,12 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
         raise BrushworkError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_scheduler!r}.")
     if (config.lr_warmup_steps or 0) < 0 or config.gradient_accumulation_steps < 1:
         raise BrushworkError("--lr-warmup-steps must be at least 0 and --gradient-accumulation-steps at least 1.")
-    if batch_size % config.gradient_accumulation_steps:
-        raise BrushworkError(f"--batch-size {batch_size} must be a multiple of --gradient-accumulation-steps "
-                             f"{config.gradient_accumulation_steps}: each step's images are split into that many "
-                             "micro-batches.")
+    uneven = [(stage, b) for stage, b in batch_sizes.items() if b % config.gradient_accumulation_steps]
+    if uneven:
+        stage, batch_size = uneven[0]
+        raise BrushworkError(f"The {stage} stage's batch of {batch_size} images must be a multiple of "
+                             f"--gradient-accumulation-steps {config.gradient_accumulation_steps}: each step's images "
+                             "are split into that many micro-batches. Pass a --batch-size that is.")
     resume_stage = None
     if config.resume_from_checkpoint is not None:
         resume_stage = None if config.resume_from_checkpoint == "latest" else checkpoint_stage(
@@ -205,7 +211,7 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     elif "clip" in stages and config.hard_negatives > 0:
         require_near_misses(data.captions(), "--hard-negatives", config.data)
 
-    settings = _resume_settings(config, stages, size, batch_size)
+    settings = _resume_settings(config, stages, size, batch_sizes)
     recorded = work / "recipe.json"
     previous = json.loads(recorded.read_text()) if recorded.is_file() else {}
     if config.resume:
@@ -216,16 +222,18 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
                                  "original settings, or train into a new folder.")
     if process_state().is_main_process:
         recorded.write_text(json.dumps(previous | settings, indent=2) + "\n")
-    return Plan(config, started, size, data, steps, batch_size, resume_stage)
+    return Plan(config, started, size, data, steps, batch_sizes, resume_stage)
 
 
 def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainConfig:
     steps = p.steps[stage]
     c = p.config
-    warmup = c.lr_warmup_steps if c.lr_warmup_steps is not None else min(500, steps // 20)
-    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_size,
+    # by default 5% of the steps the stage trains (those its time budget allows, once measured), at most 500
+    warmup = dict(warmup_steps=500, warmup_share=0.05) if c.lr_warmup_steps is None else dict(
+        warmup_steps=c.lr_warmup_steps)
+    return TrainConfig(out_dir=p.run_dir(stage), max_steps=steps, batch_size=p.batch_sizes[stage],
                        grad_accum=c.gradient_accumulation_steps, lr=p.lr(stage), weight_decay=WEIGHT_DECAY[stage],
-                       warmup_steps=warmup, lr_schedule=c.lr_scheduler, mixed_precision=c.mixed_precision,
+                       **warmup, lr_schedule=c.lr_scheduler, mixed_precision=c.mixed_precision,
                        ema_decay=ema_decay, checkpoint_every=c.checkpoint_every, sample_every=c.sample_every,
                        seed=c.seed, resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage),
                        report_to=c.report_to,
@@ -252,10 +260,10 @@ def _record(p: Plan, stage: str, started: float, result, parameters: dict[str, i
     if p.config.command and p.config.command not in commands:
         commands.append(p.config.command)   # a resumed or staged training adds its command to the history
     facts.update(data=p.config.data, n=len(p.data), seed=p.config.seed, data_report=data_facts(p.data), size=p.size.name, resolution=p.size.resolution,
-                 commands=commands, machine=machine_facts(),
+                 commands=commands, machine=machine_facts(), command_wall_time_s=round(time.time() - p.started, 1),
                  versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "transformers": transformers.__version__})
-    facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_size, "lr": p.lr(stage),
+    facts["stages"][stage] = {"steps": result.step, "batch_size": p.batch_sizes[stage], "lr": p.lr(stage),
                               "final_loss": last.get("loss"), "train_time_s": round(last.get("elapsed_s", 0.0), 1),
                               "wall_time_s": round(time.time() - started, 1), "parameters": parameters,
                               "finished": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
@@ -310,7 +318,7 @@ A text-to-image model trained from scratch with brushwork, in diffusers' StableD
 is `text_encoder/`).
 
 - Commands, in order:
-{_command_lines(facts)}
+{_command_lines(facts)}{_wall_time_line(facts)}
 - Data: {data_line(facts)}
 - Machine: {hardware}
 - Versions: {', '.join(f'{name} {version}' for name, version in facts['versions'].items())}
@@ -358,6 +366,12 @@ def data_line(facts: dict) -> str:
 def _command_lines(facts: dict) -> str:
     commands = facts.get("commands") or [facts.get("command", "")]
     return "\n".join(f"  - `{command}`" for command in commands)
+
+
+def _wall_time_line(facts: dict) -> str:
+    seconds = facts.get("command_wall_time_s")
+    return "" if seconds is None else (f"\n- Wall time of the last command: {seconds / 60:.1f} min (everything it did: "
+                                       "tokenizer, data, training, checks, export)")
 
 
 def _reconstruction_line(facts: dict) -> str:
@@ -415,9 +429,10 @@ def train_vae(p: Plan) -> AutoencoderKL:
     extra = {"latent_stats": normalize_latents(vae, p.data)}
     if p.config.data == "shapes" and _main_process():
         extra["reconstructions_exact"] = shapes_reconstruction_accuracy(vae, seed=p.config.seed + 1)
-        if extra["reconstructions_exact"] < 0.99:
+        if extra["reconstructions_exact"] < 0.95:   # the highest faithfulness target (single objects)
             print(f"Warning: the shapes checker passes only {extra['reconstructions_exact']:.0%} of the VAE's "
-                  "reconstructions; the UNet cannot do better than its VAE: train the VAE longer (--steps-vae).")
+                  "reconstructions; the UNet cannot do better than its VAE: train the VAE longer (--steps-vae, "
+                  "or more --max-minutes).")
     if _main_process():
         vae.save_pretrained(p.out / "vae")
     _record(p, "vae", started, result, {"vae": count_parameters(vae)}, **extra)
@@ -469,7 +484,7 @@ def train_unet(p: Plan) -> StableDiffusionPipeline:
                       prediction_type=c.prediction_type, zero_terminal_snr=c.zero_terminal_snr,
                       snr_gamma=c.snr_gamma or None, caption_dropout=c.caption_dropout,
                       validation_prompts=c.validation_prompts,
-                      cache_latents=steps * p.batch_size >= len(p.data), attention_loss=attention_loss)
+                      cache_latents=steps * p.batch_sizes["unet"] >= len(p.data), attention_loss=attention_loss)
     result = run(stage, _train_config(p, "unet", ema_decay=c.ema_decay or None))
     unet = (result.ema or result.modules)["unet"]
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.to("cpu"),

@@ -20,7 +20,6 @@ from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 from PIL import Image
-from rich.progress import Progress
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -323,26 +322,48 @@ def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Ten
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 
-class _LatentDataset(Dataset):
-    def __init__(self, latents: torch.Tensor, texts: list[str], regions: list[list[dict] | None]):
-        self.latents = latents
-        self.texts = texts
-        self.regions = regions
+class _LatentCache(Dataset):
+    """The data set, with each item's latents kept once they are encoded. An item is rendered and encoded the
+    first time a batch draws it (in the training step: `LatentTextStage.batch_latents`) and read from memory
+    after that, so a run that stops before an epoch encodes only what it draws, and none of its time budget is
+    spent encoding up front. An item's latents do not depend on the batch they are encoded in (measured on CPU:
+    bit-equal), so a resumed run, whose cache starts empty, trains exactly as an uninterrupted one.
+
+    Data loader workers hold copies made when they start: they render items the main process may have cached
+    since, which the step then reads from the cache."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+        self.encoded = torch.zeros(len(data), dtype=torch.bool)
+        self.latents: torch.Tensor | None = None     # [items, channels, h, w] fp16, allocated at the first store
+        self.texts: dict[int, str] = {}
+        self.regions: dict[int, list[dict] | None] = {}
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.data)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latents": self.latents[i], "text": self.texts[i], "regions": self.regions[i]}
+        if self.encoded[i]:
+            return {"index": i, "text": self.texts[i], "regions": self.regions[i]}
+        item = self.data[i]
+        return {"index": i, "pixel_values": item["pixel_values"], "text": item["text"], "regions": item.get("regions")}
+
+    def store(self, indices: list[int], latents: torch.Tensor, texts: list[str], regions: list) -> None:
+        if self.latents is None:
+            self.latents = torch.empty(len(self), *latents.shape[1:], dtype=torch.float16)
+        # fp16 halves the memory of the cache; latents are unit scale, well inside its range.
+        self.latents[indices] = latents.half().cpu()
+        self.encoded[indices] = True
+        self.texts.update(zip(indices, texts))
+        self.regions.update(zip(indices, regions))
 
 
 class LatentTextStage(BaseStage):
     """What the stages that train a UNet on latents share (UnetStage, train/distill.py's DistillStage): the frozen
     text encoder and VAE, and their outputs cached.
 
-    Latents for the whole data set are encoded once up front (when `cache_latents` and the set has at most
-    `max_cached_latents` items; each item is then rendered and encoded once instead of once per epoch), and
-    text embeddings per unique caption as they are first seen (captions repeat).
+    Latents are cached per item as batches first draw them (when `cache_latents` and the set has at most
+    `max_cached_latents` items: see _LatentCache), text embeddings per unique caption (captions repeat).
     """
 
     def __init__(self, data: Dataset, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL,
@@ -351,32 +372,11 @@ class LatentTextStage(BaseStage):
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.vae = vae.requires_grad_(False).eval()
-        self.cache_latents = cache_latents and len(data) <= max_cached_latents
-        self._latent_data: Dataset | None = None
+        self.cache = _LatentCache(data) if cache_latents and len(data) <= max_cached_latents else None
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def dataset(self) -> Dataset:
-        if not self.cache_latents:
-            return self.data
-        if self._latent_data is None:
-            self._latent_data = self._encode_all()
-        return self._latent_data
-
-    @torch.no_grad()
-    def _encode_all(self, batch_size: int = 64) -> Dataset:
-        loader = DataLoader(self.data, batch_size=batch_size, collate_fn=lambda items: items)
-        self.vae.to(process_state().device)
-        latents, texts, regions = [], [], []
-        with Progress(transient=True) as progress:
-            task = progress.add_task("encoding latents", total=len(self.data))
-            for items in loader:
-                images = torch.stack([item["pixel_values"] for item in items])
-                # fp16 halves the memory of the cache; latents are unit scale, well inside its range.
-                latents.append(self._encode_images(images).half().cpu())
-                texts += [item["text"] for item in items]
-                regions += [item.get("regions") for item in items]
-                progress.advance(task, len(items))
-        return _LatentDataset(torch.cat(latents), texts, regions)
+        return self.data if self.cache is None else self.cache
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         device = next(self.vae.parameters()).device
@@ -385,17 +385,32 @@ class LatentTextStage(BaseStage):
         return latents * self.vae.config.scaling_factor
 
     def collate(self, items: list[dict]) -> dict:
-        key = "latents" if "latents" in items[0] else "pixel_values"
-        return {key: torch.stack([item[key] for item in items]), "text": [item["text"] for item in items],
-                "regions": [item.get("regions") for item in items]}
+        batch = {"text": [item["text"] for item in items], "regions": [item.get("regions") for item in items]}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        batch["pixel_values"] = torch.stack(pixels) if pixels else None
+        if "index" in items[0]:   # from the latent cache: items not cached yet come with their pixels
+            batch["index"] = [item["index"] for item in items]
+            batch["rendered"] = [position for position, item in enumerate(items) if "pixel_values" in item]
+        return batch
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
-        """The batch's scaled latents in float32: cached, or encoded now."""
-        if "latents" in batch:
-            return batch["latents"].float()
-        with torch.no_grad():
-            self.vae.to(batch["pixel_values"].device)
-            return self._encode_images(batch["pixel_values"]).float()
+        """The batch's scaled latents in float32: from the cache, after encoding and storing the items not in it
+        yet; or, without a cache, encoded now."""
+        device = process_state().device
+        if "index" not in batch:
+            with torch.no_grad():
+                self.vae.to(device)
+                return self._encode_images(batch["pixel_values"].to(device)).float()
+        indices, rendered = batch["index"], batch["rendered"]
+        new = [row for row, position in enumerate(rendered) if not self.cache.encoded[indices[position]]]
+        if new:
+            positions = [rendered[row] for row in new]
+            with torch.no_grad():
+                self.vae.to(device)
+                latents = self._encode_images(batch["pixel_values"][new].to(device))
+            self.cache.store([indices[p] for p in positions], latents, [batch["text"][p] for p in positions],
+                             [batch["regions"][p] for p in positions])
+        return self.cache.latents[indices].to(device).float()
 
     @torch.no_grad()
     def text_embeddings(self, texts: list[str], device: torch.device) -> torch.Tensor:
