@@ -30,3 +30,11 @@ def test_the_cli_imports_no_torch_diffusers_or_transformers():
     code = f"import sys, brushwork.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_command_writing_to_a_file_writes_whole_lines_at_once():
+    """Redirected to a file, Python buffers stdout in blocks: a training run's lines would arrive minutes late."""
+    code = ("import sys, brushwork.cli; before = sys.stdout.line_buffering; brushwork.cli.main(version=False); "
+            "print(before, sys.stdout.line_buffering, sys.stderr.line_buffering)")
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.split() == ["False", "True", "True"]

@@ -3,6 +3,7 @@
 import json
 import os
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from loop_toy import ToyGan, ToyStage, make_config
 from safetensors.torch import load_file
 
 from brushwork.errors import BrushworkError
+from brushwork.train import loop
 from brushwork.train.loop import REFIT_LOGS, BaseStage, StepBatchSampler, list_checkpoints, run
 
 
@@ -175,6 +177,20 @@ def test_a_run_that_speeds_up_gets_its_lr_schedule_back(tmp_path):
     assert stopped.step > refit + 50, stopped.step
     assert max(lr for step, lr in lrs.items() if step > refit) > 0.01
     assert lrs[max(lrs)] < 0.05
+
+
+def test_without_a_terminal_progress_comes_as_plain_lines_that_follow_the_budget(tmp_path, monkeypatch, capsys):
+    # pytest's captured stdout is no terminal, as a log file is not: the bar draws nothing, so lines must come.
+    monkeypatch.setattr(loop, "PLAIN_PROGRESS_S", 0.0)
+    run(ToyStage(), make_config(tmp_path / "full", 20, log_every=5, checkpoint_every=0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("toy: step")]
+    assert [line.split(",")[0] for line in lines] == [f"toy: step {n} of 20" for n in (5, 10, 15, 20)]
+    # 1,000 steps of 0.02 s against a 1 s budget: the lines count to the steps the budget allows, not to 1,000
+    run(ToyStage(delay=0.02), make_config(tmp_path / "budget", 1000, log_every=5, checkpoint_every=0,
+                                          max_minutes=1 / 60))
+    totals = [int(total.replace(",", "")) for total in re.findall(r"^toy: step [\d,]+ of ([\d,]+),",
+                                                                  capsys.readouterr().out, re.MULTILINE)]
+    assert totals[0] == 1000 and 20 < totals[-1] < 200, totals
 
 
 def test_resume_from_a_named_checkpoint_is_exact(tmp_path):

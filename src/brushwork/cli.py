@@ -4,6 +4,8 @@ Nothing here imports torch, diffusers or transformers: each command imports them
 `brushwork --help` answers at once (a test holds this).
 """
 
+import io
+import sys
 import warnings
 
 import typer
@@ -52,6 +54,11 @@ def _print_version(value: bool) -> None:
 def main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                       help="Print brushwork's version and exit.")) -> None:
     """Train, generate, serve and evaluate text-to-image models."""
+    # Redirected to a file (nohup, CI), stdout is block-buffered: a training run's lines would wait for the
+    # buffer to fill, minutes apart. One line at a time instead.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
 
 
 app.add_typer(data.app, name="data")

@@ -60,6 +60,8 @@ PRECISIONS = ("no", "bf16", "fp16", "auto")
 # piecewise_constant, which needs rules of its own
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 REFIT_LOGS = 20   # log steps between two fits of the lr schedule to a time budget
+# Without a terminal (a log file, nohup, CI) the progress bar does not draw: a plain line this often instead.
+PLAIN_PROGRESS_S = 60.0
 REPORT_TO = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 
 
@@ -743,6 +745,8 @@ class _Trainer:
                             TextColumn("{task.fields[status]}"),
                             disable=not acc.is_main_process, refresh_per_second=2)
         task = progress.add_task("train", total=config.max_steps, completed=step, status="")
+        plain_lines = acc.is_main_process and not progress.console.is_terminal
+        last_plain_line = time.perf_counter()
         try:
             with progress:
                 while step < config.max_steps:
@@ -760,6 +764,7 @@ class _Trainer:
                     since = step - self.start_step - 2 * config.log_every
                     if since >= 0 and (since % (REFIT_LOGS * config.log_every) == 0 or step == self.schedule_end):
                         self._fit_schedule_to_budget(step, run_start)
+                        progress.update(task, total=self.schedule_end)  # the bar's eta follows the budget
                     time_up = step % config.log_every == 0 and self._time_up(run_start)
                     save_now = time_up or step == config.max_steps or (
                         config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
@@ -774,6 +779,12 @@ class _Trainer:
                                 f.write(json.dumps(record) + "\n")
                             acc.log(record, step=step)
                             progress.update(task, status=f"loss {record['loss']:.4g}  {images_per_s:.1f} img/s")
+                            if plain_lines and now - last_plain_line >= PLAIN_PROGRESS_S:
+                                last_plain_line = now
+                                progress.console.print(
+                                    f"{self.stage.name}: step {step:,} of {self.schedule_end:,}, loss "
+                                    f"{record['loss']:.4g}, {images_per_s:.1f} img/s, "
+                                    f"{(now - run_start) / 60:.1f} min", highlight=False)
                     if save_now:
                         if acc.is_main_process:
                             self.save_checkpoint(step, elapsed_before + time.perf_counter() - run_start)
