@@ -179,6 +179,46 @@ def test_a_run_that_speeds_up_gets_its_lr_schedule_back(tmp_path):
     assert lrs[max(lrs)] < 0.05
 
 
+class Clock:
+    """The loop's clock, moved only by the stage: each step takes exactly the seconds the stage says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+class ClockedStage(ToyStage):
+    """1 s a step for the first 10 steps (the schedule is fitted to that speed), then 0.97 s."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock = clock
+
+    def loss(self, *args):
+        self.clock.now += 1.0 if self.calls < 10 else 0.97
+        return super().loss(*args)
+
+
+def test_a_run_that_reaches_its_fitted_schedule_early_stops_there_instead_of_climbing_the_next_cycle(
+        tmp_path, monkeypatch, capsys):
+    # Fitted at step 10 to 100 steps in a 100 s budget, the run reaches step 100 at 97.3 s: too little time for
+    # another cosine (under 5%). It must stop at the schedule's end with lr 0, not train on as the cosine climbs.
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    stopped = run(ClockedStage(clock), make_config(tmp_path, 1000, log_every=5, checkpoint_every=0, lr=0.1,
+                                                   lr_schedule="cosine", max_minutes=100 / 60))
+    lrs = [r["lr"] for r in read_log(stopped.log_path)]
+    assert stopped.step == 100 and stopped.checkpoint.name == "step-00000100"
+    assert lrs[-1] == pytest.approx(0, abs=1e-9) and lrs == sorted(lrs, reverse=True)
+    printed = " ".join(capsys.readouterr().out.split())   # the console wraps long lines
+    assert "toy: stopped at step 100 of 1,000: its lr schedule, fitted to its time, has ended" in printed
+
+
 def test_without_a_terminal_progress_comes_as_plain_lines_that_follow_the_budget(tmp_path, monkeypatch, capsys):
     # pytest's captured stdout is no terminal, as a log file is not: the bar draws nothing, so lines must come.
     monkeypatch.setattr(loop, "PLAIN_PROGRESS_S", 0.0)

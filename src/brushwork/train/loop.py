@@ -765,7 +765,10 @@ class _Trainer:
                     if since >= 0 and (since % (REFIT_LOGS * config.log_every) == 0 or step == self.schedule_end):
                         self._fit_schedule_to_budget(step, run_start)
                         progress.update(task, total=self.schedule_end)  # the bar's eta follows the budget
-                    time_up = step % config.log_every == 0 and self._time_up(run_start)
+                    # A budget's schedule that ends with too little time left for another: the lr is 0 from here
+                    # (a cosine would climb its next cycle), so the stage stops and its time goes to the next one.
+                    schedule_done = step == self.schedule_end < config.max_steps
+                    time_up = schedule_done or (step % config.log_every == 0 and self._time_up(run_start))
                     save_now = time_up or step == config.max_steps or (
                         config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
                     if step % config.log_every == 0 or save_now:
@@ -795,8 +798,9 @@ class _Trainer:
                         self._save_sample(step)
                     if time_up:
                         if acc.is_main_process:
+                            why = "its lr schedule, fitted to its time, has ended" if schedule_done else "its time is up"
                             progress.console.print(f"{self.stage.name}: stopped at step {step:,} of "
-                                                   f"{config.max_steps:,}: its time is up (resume to go on)")
+                                                   f"{config.max_steps:,}: {why} (resume to go on)")
                         break
         finally:
             for name, wrapped in self.wrapped.items():  # undo accelerate's in-place forward patch
