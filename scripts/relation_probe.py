@@ -13,7 +13,6 @@ however long it trains, and so does every generator conditioned on that encoder.
 """
 
 import argparse
-import dataclasses
 import random
 import time
 
@@ -21,31 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import (
-    CONVERSE,
-    contradictions_by_kind,
-    format_caption,
-    parse_caption,
-)
-from brushwork.data.dataset import open_dataset
+from brushwork.data.captions import contradictions_by_kind
+from brushwork.eval.relation_probe import RELATION_KINDS, position_items, relation_near_misses
 from brushwork.generation.registry import resolve_model
 from brushwork.models.gan import build_discriminator, encode_text
-
-PERPENDICULAR = {"left of": "above", "right of": "below", "above": "left of", "below": "right of"}
-
-
-def relation_near_misses(text: str) -> dict[str, str]:
-    """One near miss of a position caption per kind of relation change, named by kind."""
-    spec = parse_caption(text)
-    return {"opposite relation": format_caption(dataclasses.replace(spec, relation=CONVERSE[spec.relation])),
-            "perpendicular relation": format_caption(dataclasses.replace(spec, relation=PERPENDICULAR[spec.relation])),
-            "objects swapped": format_caption(dataclasses.replace(spec, objects=spec.objects[::-1]))}
-
-
-def position_items(seed: int, count: int) -> list[dict]:
-    """The position-task images among `count` shapes samples drawn with `seed` (about a quarter of them)."""
-    data = open_dataset("shapes", resolution=64, n=count, seed=seed)
-    return [item for item in (data[i] for i in range(count)) if parse_caption(item["text"]).task == "position"]
 
 
 def main() -> None:
@@ -54,8 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--every", type=int, default=250, help="steps between held-out checks")
-    parser.add_argument("--images", type=int, default=12_000, help="shapes samples drawn for training (a tenth "
-                        "as many for the held-out check); about a quarter are position images")
+    parser.add_argument("--images", type=int, default=3_000, help="position scenes drawn for training (a tenth "
+                        "as many for the held-out check)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -78,8 +56,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.0, 0.99))
     images = torch.stack([item["pixel_values"] for item in held_out])
     own = [item["text"] for item in held_out]
-    near_misses = {kind: [relation_near_misses(text)[kind] for text in own]
-                   for kind in ("opposite relation", "perpendicular relation", "objects swapped")}
+    near_misses = {kind: [relation_near_misses(text)[kind] for text in own] for kind in RELATION_KINDS}
 
     @torch.no_grad()
     def held_out_accuracy() -> dict[str, float]:

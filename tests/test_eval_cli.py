@@ -9,7 +9,8 @@ from brushwork.cli import app
 from sd_tiny import add_tiny_clip, build_tiny_sd
 
 runner = CliRunner()
-FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1", "--train-images", "0"]
+FAST = ["--steps", "2", "--per-prompt", "2", "--batch-sizes", "1,2", "--speed-repeats", "1", "--train-images", "0",
+        "--relation-probe", "3"]
 
 
 @pytest.fixture(autouse=True)
@@ -60,10 +61,17 @@ def test_eval_two_models_shapes_report(tiny_model, tmp_path):
     assert [p["value"] for p in first["sweeps"]["steps"]] == [1, 2]
     assert first["sweeps"]["steps"][1]["metrics"]["fid"] == pytest.approx(values["fid"])   # steps=2 is the base
 
+    probe = first["relation_probe"]
+    assert probe["images"] == 3 and probe["timesteps"] == [500, 800, 950]
+    assert set(probe["shares"]["950"]) == {"opposite relation", "perpendicular relation", "objects swapped",
+                                           "colour (control)"}
+    assert second["relation_probe"] == probe                             # same model, same scenes and noise
+    assert "relation probe" in result.output
     for name in ("grid_0.png", "grid_1.png", "faithfulness.png", "sweep_steps.png"):
         assert (out / name).stat().st_size > 0, name
     page = (out / "report.html").read_text()
     assert "tiny (2)" in page and "data:image/png;base64," in page
+    assert "<h2>Relation probe</h2>" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
@@ -98,6 +106,7 @@ def test_eval_folder_data(tiny_model, tmp_path):
     (["--sweep", "steps=0,4"], "at least 1"),
     (["--sweep", "sampler=nosuch"], "unknown sampler"),
     (["--inception-weights", "/nonexistent/inception.pth"], "no such file"),
+    (["--relation-probe", "-1"], "--relation-probe must be at least 0"),
 ])
 def test_eval_bad_input_is_a_clean_error(tiny_model, tmp_path, args, message):
     model = [] if "--model" in args else ["--model", str(tiny_model)]
@@ -156,10 +165,13 @@ def test_position_relation_counts_only_images_whose_objects_are_right():
 def test_eval_with_layout_guidance_records_it_and_samples_a_gan_without_it(tiny_model, tmp_path):
     out = tmp_path / "report"
     result = _run("--model", str(tiny_model), "--model", "shapes-gan", "--data", "shapes", "--n", "1", "--layout",
-                  "--out", str(out), "--steps", "2", "--per-prompt", "1", "--batch-sizes", "", "--train-images", "0")
+                  "--out", str(out), "--steps", "2", "--per-prompt", "1", "--batch-sizes", "", "--train-images", "0",
+                  "--relation-probe", "2")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["layout"] is True
     diffusion, gan = report["models"]
     assert diffusion["layout"] is True and gan["layout"] is False
     assert any("layout guidance needs a diffusion model: shapes-gan" in w for w in report["warnings"])
+    assert diffusion["relation_probe"]["images"] == 2 and gan["relation_probe"] is None
+    assert any("relation probe" in w and "shapes-gan is not probed" in w for w in report["warnings"])

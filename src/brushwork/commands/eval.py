@@ -50,6 +50,9 @@ def evaluate(
                                                          "OUT/images/ with a manifest; a rerun makes only what is "
                                                          "missing. Needs brushwork[ray].", show_default=False)] = None,
     actors: Annotated[int | None, typer.Option(help="--ray: actors generating at once [default: one per CPU].")] = None,
+    relation_probe: Annotated[int, typer.Option(
+        "--relation-probe", help="Held-out position scenes for the UNet relation probe (shapes, diffusion models): "
+                                 "does the UNet denoise with the own caption better than with a near miss? 0 skips.")] = 200,
 ) -> None:
     """Evaluate one or more models on the same prompts and seeds and write a report."""
     from brushwork.eval.run import EvalConfig, evaluate as run_evaluation, parse_sweep
@@ -58,7 +61,8 @@ def evaluate(
     config = EvalConfig(models=model, out=out, data=data, n=n, per_prompt=per_prompt, steps=steps, guidance=guidance,
                         sampler=sampler, seed=seed, inception_weights=inception_weights, clip=clip, sweeps=sweeps,
                         batch_sizes=_batch_sizes(batch_sizes), speed_repeats=speed_repeats, device=device,
-                        layout=layout, best_of=best_of, train_images=train_images, ray=ray is not None, actors=actors)
+                        layout=layout, best_of=best_of, train_images=train_images, ray=ray is not None, actors=actors,
+                        relation_probe=relation_probe)
     if ray is None:
         result = run_evaluation(config)
     else:
@@ -74,6 +78,10 @@ def evaluate(
         line = f"{entry['name']}: FID {values['fid']:.2f}, KID {values['kid_mean']:.4f}, CLIP score {values['clip_score']:.2f}"
         if values.get("faithfulness"):
             line += f", faithfulness {values['faithfulness']['accuracy']:.3f}"
+        if entry.get("relation_probe"):
+            weakest = entry["relation_probe"]["weakest_relation"]
+            line += ", relation probe " + " / ".join(f"{share:.2f}" for share in weakest.values()) + \
+                f" (t = {' / '.join(weakest)})"
         if entry["creativity"].get("copies"):
             line += f", copy rate {entry['creativity']['copies']['copy_rate']:.3f}"
         console.print(line, highlight=False)

@@ -228,6 +228,24 @@ img { max-width: 100%; }
 """
 
 
+def _relation_probe(models: list[dict], names: list[str]) -> list[str]:
+    """The Relation probe section: per near miss, the share of scenes the UNet prefers the own caption for."""
+    probed = [m["relation_probe"] for m in models if m.get("relation_probe")]
+    if not probed:
+        return []
+    timesteps = probed[0]["timesteps"]
+    kinds = list(probed[0]["shares"][str(timesteps[0])])
+
+    def cell(probe: dict | None, kind: str) -> str:
+        return "—" if not probe else " / ".join(f"{probe['shares'][str(t)][kind]:.2f}" for t in timesteps)
+
+    rows = [[kind] + [cell(m.get("relation_probe"), kind) for m in models] for kind in kinds]
+    return [f"<h2>Relation probe</h2><p>Held-out position scenes ({probed[0]['images']}) are noised and denoised by "
+            "the UNet with their own caption and with a near miss; each cell is the share the own caption denoises "
+            f"better, at t = {' / '.join(map(str, timesteps))}. 0.5: the UNet ignores what changed; the colour near "
+            "miss is the control.</p>" + _table(["near miss"] + names, rows)]
+
+
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """report.json (the numbers) and report.html (one file, images inline: opens offline)."""
     out_dir = Path(out_dir)
@@ -259,6 +277,7 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
                           for m in models] for task in tasks]
         parts.append("<h2>Prompt faithfulness</h2>" + _table(["task"] + names, rows))
         parts.append(_image_tag(out_dir / figures["faithfulness"], "faithfulness per task"))
+    parts += _relation_probe(models, names)
     speed_rows = _speed_rows(models)
     if speed_rows:
         parts.append("<h2>Speed and memory</h2>" + _table(["measure"] + names, speed_rows))

@@ -21,7 +21,7 @@ from brushwork.data.dataset import open_dataset
 from brushwork.data.shapes import TASKS
 from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
-from brushwork.eval import creativity, memorisation, metrics, report, speed
+from brushwork.eval import creativity, memorisation, metrics, relation_probe, report, speed
 from brushwork.eval.checker import check
 from brushwork.eval.features import RESIZE_CONVENTION, ClipEmbedder, InceptionFeatures
 from brushwork.generation.auto import BrushworkPipeline
@@ -65,6 +65,7 @@ class EvalConfig:
     train_images: int | None = None     # training images searched for near-copies (None: all; 0: no search)
     ray: bool = False                   # generate on the Ray cluster the caller connected to (bulk.ray_run)
     actors: int | None = None           # Ray actors (default: as many as the cluster's CPUs)
+    relation_probe: int = 200           # held-out position scenes for the UNet's relation probe (shapes; 0: none)
 
 
 def parse_sweep(text: str) -> tuple[str, list]:
@@ -310,6 +311,8 @@ def evaluate(config: EvalConfig) -> dict:
     if config.train_images is not None and config.train_images < 0:
         raise BrushworkError(f"--train-images must be at least 0 (0 skips the near-copy search), got "
                              f"{config.train_images}")
+    if config.relation_probe < 0:
+        raise BrushworkError(f"--relation-probe must be at least 0 (0 skips the probe), got {config.relation_probe}")
     if not 1 <= config.best_of <= MAX_BEST_OF:
         raise BrushworkError(f"--best-of must be from 1 to {MAX_BEST_OF}, got {config.best_of}")
     out = Path(config.out)
@@ -421,9 +424,16 @@ def evaluate(config: EvalConfig) -> dict:
             creative["compositions"] = creativity.compositions(
                 hold_outs[index], image_prompts + own_prompts, creativity.grammar_tasks(image_prompts + own_prompts),
                 passed + extra_passed)
+        probe = None
+        if config.data == "shapes" and config.relation_probe:
+            if pipe.model.kind != "diffusion" or pipe.model.few_step:
+                _warn(notes, f"the relation probe asks a diffusion model's UNet (without guidance input): {name} "
+                             "is not probed.")
+            else:
+                probe = relation_probe.probe_unet(pipe.model, config.relation_probe, seed=config.seed)
         results.append({"name": name, "path": str(path), "model_hash": pipe.model_hash, "steps": steps, "layout": layout,
                         "metrics": values, "faithfulness": faithfulness, "speed": speed_result, "sweeps": sweeps,
-                        "creativity": creative})
+                        "creativity": creative, "relation_probe": probe})
         del pipe, cache
 
     figures: dict = {"grids": grids}
