@@ -59,11 +59,11 @@ def probe_unet(model, images: int = 200, timesteps: tuple[int, ...] = TIMESTEPS,
         batch = items[start:start + batch_size]
         latents = model.encode_images(torch.stack([item["pixel_values"] for item in batch]))
         own = [item["text"] for item in batch]
-        conditions = {"own": model.encode(own)} | {kind: model.encode([near_misses(text)[kind] for text in own])
-                                                   for kind in KINDS}
+        misses = [near_misses(text) for text in own]
+        conditions = {"own": model.encode(own)} | {kind: model.encode([m[kind] for m in misses]) for kind in KINDS}
         for t in timesteps:
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed * 1000 + t + start))
-            noise = noise.to(latents.device)
+            generator = torch.Generator().manual_seed(seed * 1000 + t + start)
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
             steps = torch.full((len(latents),), t, device=latents.device)
             noisy = scheduler.add_noise(latents, noise, steps)
             target = (scheduler.get_velocity(latents, noise, steps)
