@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from brushwork.data.dataset import open_dataset
+from brushwork.hardware import cpu_has_native_bf16
 from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import TrainConfig, run
+from brushwork.train.options import RecipeConfig
 from brushwork.train.stages import ClipStage, UnetStage, VaeStage, normalize_latents, text_encoder_from_clip
 
 
@@ -63,11 +65,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile, in the loop (TrainConfig.compile) "
+                        "and in part 2 (slow to compile: give --warmup room for it)")
     parser.add_argument("--skip-loop", action="store_true", help="only part 2")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    # bf16 only where it is native: emulated (an AVX2-only CPU), a UNet step is about 17x slower than in fp32
+    native_bf16 = cpu_has_native_bf16() or torch.cuda.is_available()
     size = get_size(args.size)
     batch_size = args.batch_size or size.batch_sizes["unet"]   # every stage at one batch, to compare images/s
     print(f"size {size.name}, batch {batch_size}, {platform.processor() or platform.machine()}, "
@@ -78,23 +83,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             work = Path(folder)
             tokenizer = train_tokenizer(data.captions(), work / "tokenizer")
-            for precision in ("no", "bf16"):
+            precisions = ("no", "bf16") if native_bf16 else ("no",)
+            for precision, compiled in [(p, c) for p in precisions for c in (False, True)[:1 + args.compile]]:
                 clip, vae = build_clip(size, len(tokenizer)), build_vae(size)
-                shared = dict(mixed_precision=precision)
-                clip_rate = loop_throughput(ClipStage(data, tokenizer, clip), work / precision, batch_size,
+                shared = dict(mixed_precision=precision, compile=compiled)
+                run_dir = work / f"{precision}-{'compiled' if compiled else 'eager'}"
+                clip_rate = loop_throughput(ClipStage(data, tokenizer, clip), run_dir, batch_size,
                                             args.warmup, args.steps, **shared)
                 vae_stage = VaeStage(data, vae)
-                vae_rate = loop_throughput(vae_stage, work / precision, batch_size, args.warmup, args.steps, **shared)
+                vae_rate = loop_throughput(vae_stage, run_dir, batch_size, args.warmup, args.steps, **shared)
                 normalize_latents(vae_stage.vae.eval(), data, num_samples=batch_size)
-                unet_stage = UnetStage(data, build_unet(size), text_encoder_from_clip(clip), tokenizer, vae_stage.vae)
+                recipe = RecipeConfig(data="shapes", out="-")   # the recipe's UNet objective: v, zero SNR, attention loss
+                unet_stage = UnetStage(data, build_unet(size), text_encoder_from_clip(clip), tokenizer, vae_stage.vae,
+                                       prediction_type=recipe.prediction_type, zero_terminal_snr=recipe.zero_terminal_snr,
+                                       attention_loss=recipe.attention_loss)
                 cache, started = unet_stage.dataset(), time.perf_counter()   # fill the latent cache first
                 for start in range(0, len(cache), batch_size):
                     items = [cache[i] for i in range(start, min(len(cache), start + batch_size))]
                     unet_stage.batch_latents(unet_stage.collate(items))
                 cache_rate = len(data) / (time.perf_counter() - started)
-                unet_rate = loop_throughput(unet_stage, work / precision, batch_size, args.warmup, args.steps,
+                unet_rate = loop_throughput(unet_stage, run_dir, batch_size, args.warmup, args.steps,
                                             ema_decay=0.999, **shared)
-                print(f"loop, precision {precision:4}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s   "
+                print(f"loop, precision {precision:4}{', compiled' if compiled else ''}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s   "
                       f"unet {unet_rate:6.1f} img/s (latent caching {cache_rate:.0f} img/s)", flush=True)
 
     hidden = size.clip_text["hidden_size"]
@@ -103,6 +113,8 @@ def main() -> None:
                 ("fp32, 1 thread", 1, False, False, False), ("bf16, 1 thread", 1, True, False, False)]
     if args.compile:
         variants += [("torch.compile fp32", 2, False, False, True), ("torch.compile bf16", 2, True, False, True)]
+    if not native_bf16:
+        variants = [v for v in variants if not v[2]]
     reference = None
     for name, threads, bf16, channels_last, compile_model in variants:
         torch.set_num_threads(threads)

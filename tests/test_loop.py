@@ -219,6 +219,33 @@ def test_a_run_that_reaches_its_fitted_schedule_early_stops_there_instead_of_cli
     assert "toy: stopped at step 100 of 1,000: its lr schedule, fitted to its time, has ended" in printed
 
 
+class CompilingStage(ToyStage):
+    """A first step of 30 s (torch.compile's), then 1 s a step."""
+
+    def __init__(self, clock: Clock):
+        super().__init__()
+        self.clock = clock
+
+    def loss(self, *args):
+        self.clock.now += 30.0 if self.calls == 0 else 1.0
+        return super().loss(*args)
+
+
+def test_the_budget_is_fitted_to_the_speed_after_the_first_step(tmp_path, monkeypatch, capsys):
+    # A 130 s budget: 30 s of compile in the first step, then 100 steps of 1 s. Counting the compile as speed
+    # (39 s for the first 10 steps) fits the schedule to about 33 steps; measured from the first step's end,
+    # to about 101, and the run makes them in one cosine.
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    result = run(CompilingStage(clock), make_config(tmp_path, 1000, log_every=5, checkpoint_every=0, lr=0.1,
+                                                    lr_schedule="cosine", max_minutes=130 / 60))
+    printed = " ".join(capsys.readouterr().out.split())
+    fits = [int(n.replace(",", "")) for n in re.findall(r"the time budget allows about ([\d,]+) of", printed)]
+    assert fits[0] == 101, fits
+    lrs = [r["lr"] for r in read_log(result.log_path)]
+    assert result.step >= 100 and lrs == sorted(lrs, reverse=True)
+
+
 def test_without_a_terminal_progress_comes_as_plain_lines_that_follow_the_budget(tmp_path, monkeypatch, capsys):
     # pytest's captured stdout is no terminal, as a log file is not: the bar draws nothing, so lines must come.
     monkeypatch.setattr(loop, "PLAIN_PROGRESS_S", 0.0)
@@ -231,6 +258,21 @@ def test_without_a_terminal_progress_comes_as_plain_lines_that_follow_the_budget
     totals = [int(total.replace(",", "")) for total in re.findall(r"^toy: step [\d,]+ of ([\d,]+),",
                                                                   capsys.readouterr().out, re.MULTILINE)]
     assert totals[0] == 1000 and 20 < totals[-1] < 200, totals
+
+
+@pytest.mark.slow   # inductor compiles the toy's forward and backward: about half a minute
+def test_a_compiled_run_trains_the_same_weights_and_saves_them_unprefixed(tmp_path):
+    from torch._dynamo.utils import counters
+
+    eager = run(ToyStage(), make_config(tmp_path / "eager", 6, log_every=2, checkpoint_every=0))
+    counters.clear()
+    compiled = run(ToyStage(), make_config(tmp_path / "compiled", 6, log_every=2, checkpoint_every=0, compile=True))
+    assert counters["stats"]["unique_graphs"] >= 1   # dynamo did compile the stage's module
+    for name, module in eager.modules.items():
+        for (key, a), (other, b) in zip(module.state_dict().items(), compiled.modules[name].state_dict().items()):
+            assert key == other and torch.allclose(a, b, atol=1e-5), key
+    saved = load_file(compiled.checkpoint / "net.safetensors")
+    assert set(saved) == set(eager.modules["net"].state_dict())   # no torch.compile "_orig_mod." prefix
 
 
 def test_resume_from_a_named_checkpoint_is_exact(tmp_path):

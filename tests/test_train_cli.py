@@ -307,6 +307,16 @@ def test_the_budget_is_split_across_the_stages_of_the_command(tmp_path):
     assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "o", max_minutes=0)).stop_at("unet") is None
 
 
+def test_compile_reaches_the_clip_and_unet_stages_only(tmp_path):
+    from brushwork.train.recipe import RecipeConfig, _train_config, plan
+
+    compiled = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "m", compile=True))
+    assert {stage: _train_config(compiled, stage).compile for stage in ("clip", "vae", "unet")} == {
+        "clip": True, "vae": False, "unet": True}   # the VAE measured slower compiled
+    eager = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n"))
+    assert not any(_train_config(eager, stage).compile for stage in ("clip", "vae", "unet"))
+
+
 def test_each_stage_has_its_own_batch_and_batch_size_sets_them_all(tmp_path):
     from brushwork.train.recipe import RecipeConfig, plan
 

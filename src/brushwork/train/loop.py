@@ -98,6 +98,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (checkpoint, return) at the first log step after this much training
     stop_at: float | None = None  # the same at this time.time(): a budget that several runs share (the recipe's)
     report_to: str = "none"  # also log to "tensorboard", "wandb", "all" of them or "none" (log.jsonl is always written)
+    compile: bool = False  # train through torch.compile (inductor): faster steps after a compile of minutes
 
 
 class Stage(Protocol):
@@ -724,8 +725,9 @@ class _Trainer:
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         # Modules each optimizer's loss sees: its own wrapped (DDP syncs them), the others plain.
+        trained = {n: torch.compile(m, dynamic=False) for n, m in self.wrapped.items()} if config.compile else self.wrapped
         self.phase_modules = {
-            opt: {n: self.wrapped[n] if n in names else self.modules[n] for n in self.modules}
+            opt: {n: trained[n] if n in names else self.modules[n] for n in self.modules}
             for opt, names in self.groups.items()
         }
         self.generator = torch.Generator(device=acc.device)
@@ -754,6 +756,8 @@ class _Trainer:
                                      for _ in range(config.grad_accum)]
                     self.pending_losses.append(self._train_step(step, micro_batches))
                     step += 1
+                    if step == self.start_step + 1:
+                        first_step_end = time.perf_counter()   # speed is measured without the first step's compile
                     self.stage.after_step(step)
                     for ema in (self.ema or {}).values():
                         ema.update(step)
@@ -763,7 +767,7 @@ class _Trainer:
 
                     since = step - self.start_step - 2 * config.log_every
                     if since >= 0 and (since % (REFIT_LOGS * config.log_every) == 0 or step == self.schedule_end):
-                        self._fit_schedule_to_budget(step, run_start)
+                        self._fit_schedule_to_budget(step, run_start, first_step_end)
                         progress.update(task, total=self.schedule_end)  # the bar's eta follows the budget
                     # A budget's schedule that ends with too little time left for another: the lr is 0 from here
                     # (a cosine would climb its next cycle), so the stage stops and its time goes to the next one.
@@ -818,13 +822,14 @@ class _Trainer:
         left += [stop_at - time.time()] if stop_at is not None else []
         return min(left) if left else None
 
-    def _fit_schedule_to_budget(self, step: int, run_start: float) -> None:
-        """Shorten the lr schedule to the steps the time left allows at this run's speed so far (see TrainConfig);
-        every process gets the main process's estimate."""
+    def _fit_schedule_to_budget(self, step: int, run_start: float, first_step_end: float) -> None:
+        """Shorten the lr schedule to the steps the time left allows at this run's speed since its first step
+        (see TrainConfig; the first step holds one-time work: torch.compile, allocations); every process gets the
+        main process's estimate."""
         left = self._seconds_left(run_start)
         if left is None:
             return
-        per_step = (time.perf_counter() - run_start) / (step - self.start_step)
+        per_step = (time.perf_counter() - first_step_end) / (step - self.start_step - 1)
         reachable = torch.tensor([min(self.config.max_steps, step + max(1, int(left / per_step)))])
         if self.accelerator.num_processes > 1:
             reachable = broadcast(reachable.to(self.accelerator.device), from_process=0).cpu()

@@ -51,6 +51,8 @@ RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n"
 # training a stage may get: a budget that leaves any stage less is refused before work starts.
 BUDGET_SHARES = {"clip": 0.15, "vae": 0.20, "unet": 0.65}
 MIN_STAGE_MINUTES = 1.0
+# With --compile: measured in the loop on a 2-core AVX2 CPU in fp32, CLIP 1.22x, UNet 1.25x, VAE 0.88x.
+COMPILED_STAGES = ("clip", "unet")
 LR = {"clip": 5e-4, "vae": 5e-4, "unet": 5e-4}            # peak learning rates; --lr replaces them
 WEIGHT_DECAY = {"clip": 0.1, "vae": 0.0, "unet": 0.01}
 
@@ -236,7 +238,7 @@ def _train_config(p: Plan, stage: str, ema_decay: float | None = None) -> TrainC
                        **warmup, lr_schedule=c.lr_scheduler, mixed_precision=c.mixed_precision,
                        ema_decay=ema_decay, checkpoint_every=c.checkpoint_every, sample_every=c.sample_every,
                        seed=c.seed, resume=c.resume, num_workers=c.num_workers, stop_at=p.stop_at(stage),
-                       report_to=c.report_to,
+                       report_to=c.report_to, compile=c.compile and stage in COMPILED_STAGES,
                        resume_from=Path(c.resume_from_checkpoint) if stage == p.resume_stage else None)
 
 
