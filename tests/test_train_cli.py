@@ -317,6 +317,20 @@ def test_compile_reaches_the_clip_and_unet_stages_only(tmp_path):
     assert not any(_train_config(eager, stage).compile for stage in ("clip", "vae", "unet"))
 
 
+def test_compile_without_a_cpp_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    result = _train(*TINY, "--out", str(tmp_path / "m"), "--compile")
+    assert result.exit_code == 1 and "compiling needs a C++ compiler" in result.output
+    assert "train without --compile" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m" / "unet").exists()
+
+
 def test_each_stage_has_its_own_batch_and_batch_size_sets_them_all(tmp_path):
     from brushwork.train.recipe import RecipeConfig, plan
 

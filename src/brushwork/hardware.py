@@ -26,6 +26,18 @@ def cpu_flags() -> frozenset[str]:
                           "").split(":")[-1].split())
 
 
+def require_cpp_compiler(otherwise: str) -> None:
+    """BrushworkError unless inductor finds a C++ compiler: it builds its CPU kernels with one."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise BrushworkError("compiling needs a C++ compiler (g++ or clang++, or $CXX), and none was found: "
+                             f"install one (e.g. apt install g++) or {otherwise}") from None
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes in bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16), where bf16 kernels beat
     fp32 ones; elsewhere bf16 is emulated and slower."""
@@ -110,14 +122,7 @@ class CompiledModule:
     def _compile(self, args: tuple, path: Path):
         log.warning("compiling %s for a first input of shape %s, once: the result is kept in %s", self.name,
                     tuple(args[0].shape), path.parent)
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        from torch._inductor.exc import InvalidCxxCompiler
-
-        try:
-            get_cpp_compiler()
-        except InvalidCxxCompiler:
-            raise BrushworkError("compiling needs a C++ compiler (g++ or clang++, or $CXX), and none was found: "
-                                 "install one (e.g. apt install g++) or generate without --compile") from None
+        require_cpp_compiler("generate without --compile")
         staging = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
         configs = dict(INDUCTOR_CONFIGS)
         if all(a.device.type == "cpu" for a in args):

@@ -33,6 +33,7 @@ from brushwork.data.transforms import to_image
 from brushwork.errors import BrushworkError
 from brushwork.eval.checker import check
 from brushwork.generation.registry import resolve_model
+from brushwork.hardware import require_cpp_compiler
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import LR_SCHEDULES, TrainConfig, check_report_to, check_writable, list_checkpoints, process_state, run
@@ -172,6 +173,8 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
     if not 0 <= config.caption_dropout < 1:
         raise BrushworkError(f"caption dropout must be in [0, 1), got {config.caption_dropout}.")
     check_report_to(config.report_to)
+    if config.compile:
+        require_cpp_compiler("train without --compile")
 
     out = Path(config.out)
     check_writable(out)
