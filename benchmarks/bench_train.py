@@ -104,7 +104,8 @@ def main() -> None:
                 cache_rate = len(data) / (time.perf_counter() - started)
                 unet_rate = loop_throughput(unet_stage, run_dir, batch_size, args.warmup, args.steps,
                                             ema_decay=0.999, **shared)
-                print(f"loop, precision {precision:4}{', compiled' if compiled else ''}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s   "
+                variant = f"{precision:4}{', compiled' if compiled else ''}"
+                print(f"loop, precision {variant}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s   "
                       f"unet {unet_rate:6.1f} img/s (latent caching {cache_rate:.0f} img/s)", flush=True)
 
     hidden = size.clip_text["hidden_size"]

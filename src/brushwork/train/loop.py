@@ -725,7 +725,9 @@ class _Trainer:
     def train(self) -> TrainResult:
         acc, config = self.accelerator, self.config
         # Modules each optimizer's loss sees: its own wrapped (DDP syncs them), the others plain.
-        trained = {n: torch.compile(m, dynamic=False) for n, m in self.wrapped.items()} if config.compile else self.wrapped
+        trained = self.wrapped
+        if config.compile:
+            trained = {n: torch.compile(m, dynamic=False) for n, m in self.wrapped.items()}
         self.phase_modules = {
             opt: {n: trained[n] if n in names else self.modules[n] for n in self.modules}
             for opt, names in self.groups.items()
