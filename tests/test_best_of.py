@@ -109,7 +109,8 @@ def test_cli_bad_best_of_is_a_clear_error(model_dir, tmp_path):
 def test_eval_best_of_notes_the_clip_bias(model_dir, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", "shapes", "--n", "1", "--steps", "2",
-                                 "--best-of", "2", "--batch-sizes", "", "--train-images", "0", "--out", str(out)])
+                                 "--best-of", "2", "--batch-sizes", "", "--train-images", "0", "--relation-probe", "0",
+                                 "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["best_of"] == 2

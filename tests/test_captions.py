@@ -6,6 +6,7 @@ from brushwork.data.captions import (
     all_captions,
     all_specs,
     contradicting_captions,
+    contradictions_by_direction_and_axis,
     contradictions_by_kind,
     format_caption,
     parse_caption,
@@ -141,3 +142,15 @@ def test_contradictions_by_kind_group_the_near_misses_by_what_changed():
         assert sorted(c for group in contradictions_by_kind(caption).values() for c in group) == (
             contradicting_captions(caption))
     assert contradictions_by_kind("a photo of a cat") == {}
+
+
+def test_relation_near_misses_split_into_direction_and_axis():
+    kinds = contradictions_by_direction_and_axis("a red circle left of a blue square")
+    assert kinds["direction"] == ["a blue square left of a red circle", "a red circle right of a blue square"]
+    assert kinds["axis"] == ["a blue square above a red circle", "a blue square below a red circle",
+                             "a red circle above a blue square", "a red circle below a blue square"]
+    assert "relation" not in kinds
+    assert sorted(kinds["direction"] + kinds["axis"]) == contradictions_by_kind(
+        "a red circle left of a blue square")["relation"]
+    assert contradictions_by_direction_and_axis("two red circles") == contradictions_by_kind("two red circles")
+    assert contradictions_by_direction_and_axis("a photo of a cat") == {}

@@ -177,7 +177,7 @@ def test_eval_takes_a_few_step_model_at_its_own_steps(fast, tmp_path):
     model = add_tiny_clip(shutil.copytree(fast, tmp_path / "fast"))
     out = tmp_path / "eval"
     result = runner.invoke(app, ["eval", "--model", str(model), "--data", "shapes", "--n", "2", "--per-prompt", "1",
-                                 "--batch-sizes", "", "--out", str(out)])
+                                 "--batch-sizes", "", "--train-images", "0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["models"][0]["steps"] == 4 and report["models"][0]["metrics"]["seconds_per_image"] > 0

@@ -158,7 +158,8 @@ def test_eval_reports_copies_and_seen_against_held_out(tiny_model, tmp_path):
     # Against another data set than its own, the report says so; a second run reads the index from the cache.
     other = tmp_path / "eval-shapes"
     result = runner.invoke(app, ["eval", "--model", str(model), "--data", "shapes", "--n", "1", "--per-prompt", "1",
-                                 "--steps", "1", "--batch-sizes", "", "--train-images", "40", "--out", str(other)])
+                                 "--steps", "1", "--batch-sizes", "", "--train-images", "40", "--relation-probe", "0",
+                                 "--out", str(other)])
     assert result.exit_code == 0, result.output
     report = json.loads((other / "report.json").read_text())
     assert any(f"trained on '{data}' but is evaluated against 'shapes'" in w for w in report["warnings"])
@@ -166,7 +167,8 @@ def test_eval_reports_copies_and_seen_against_held_out(tiny_model, tmp_path):
 
 
 def test_train_images_zero_skips_the_search_and_negative_is_an_error(tiny_model, tmp_path):
-    args = ["eval", "--model", str(tiny_model), "--n", "1", "--per-prompt", "1", "--steps", "1", "--batch-sizes", ""]
+    args = ["eval", "--model", str(tiny_model), "--n", "1", "--per-prompt", "1", "--steps", "1", "--batch-sizes", "",
+            "--relation-probe", "0"]
     result = runner.invoke(app, [*args, "--train-images", "0", "--out", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "a" / "report.json").read_text())

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from brushwork.data.captions import all_captions, contradictions_by_kind
+from brushwork.data.captions import all_captions, contradictions_by_direction_and_axis, contradictions_by_kind
 from brushwork.data.dataset import open_dataset
 from brushwork.errors import BrushworkError
 from brushwork.models.sizes import build_clip, build_unet, build_vae, get_size
@@ -63,16 +63,18 @@ def test_near_miss_texts_draw_one_per_kind_for_a_share_of_the_captions():
     texts = ["a red circle above a blue square", "two green triangles", "a photo of my cat"]
     assert near_miss_texts(texts, 0.0, torch.Generator().manual_seed(0)) == ([], [])
     near_misses, owners = near_miss_texts(texts, 1.0, torch.Generator().manual_seed(0))
-    assert owners == [0, 0, 0, 1, 1, 1]           # shape, colour, relation; shape, colour, count; none for the cat
+    assert owners == [0, 0, 0, 0, 1, 1, 1]     # shape, colour, direction, axis; shape, colour, count; none for the cat
     for near_miss, owner in zip(near_misses, owners):
         assert any(near_miss in captions for captions in contradictions_by_kind(texts[owner]).values())
-    assert {kind for kind, captions in contradictions_by_kind(texts[0]).items()
-            if set(captions) & set(near_misses[:3])} == {"shape", "color", "relation"}
+    assert {kind for kind, captions in contradictions_by_direction_and_axis(texts[0]).items()
+            if set(captions) & set(near_misses[:4])} == {"shape", "color", "direction", "axis"}
     assert near_miss_texts(texts, 1.0, torch.Generator().manual_seed(0)) == (near_misses, owners)
-    draws = [near_miss_texts(texts, 1.0, torch.Generator().manual_seed(seed))[0][2] for seed in range(40)]
-    assert len(set(draws)) == 6                   # every relation near miss: three other words, three swapped
+    draws = [near_miss_texts(texts, 1.0, torch.Generator().manual_seed(seed))[0][2:4] for seed in range(40)]
+    # every position image meets the other direction (the word or the order) and a perpendicular relation
+    assert {d[0] for d in draws} == {"a red circle below a blue square", "a blue square above a red circle"}
+    assert len({d[1] for d in draws}) == 4 and all(" of " in d[1] for d in draws)   # left of / right of, either order
     drawn = len(near_miss_texts(texts[:2] * 50, 0.5, torch.Generator().manual_seed(1))[1])
-    assert 100 < drawn < 200                      # about half of the 100 captions, three near misses each
+    assert 100 < drawn < 250                      # about half of the 100 captions, three or four near misses each
 
 
 def test_clip_near_misses_are_negatives_of_their_image(tokenizer, data):

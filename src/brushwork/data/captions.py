@@ -29,6 +29,7 @@ SIZES: tuple[str, ...] = ("small", "large")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 # "B right of A" says what "A left of B" says; with the objects kept, it is the opposite relation.
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 COUNT_WORDS: dict[str, int] = {"two": 2, "three": 3, "four": 4}
 
 
@@ -212,3 +213,17 @@ def contradictions_by_kind(text: str) -> dict[str, list[str]]:
                               for relation in RELATIONS if relation != CONVERSE[spec.relation]]
     grouped = {kind: sorted({format_caption(c) for c in specs} - {text}) for kind, specs in kinds.items()}
     return {kind: captions for kind, captions in grouped.items() if captions}
+
+
+def contradictions_by_direction_and_axis(text: str) -> dict[str, list[str]]:
+    """contradictions_by_kind with its "relation" near misses split in two: "direction" (the relation's axis kept:
+    the opposite relation, or the objects swapped; two captions) and "axis" (a perpendicular relation, in either
+    order; four). Drawn one per kind, the word's direction and the objects' order are then contrasted as often as
+    its axis, where drawing from all six contrasts the axis two times in three."""
+    kinds = contradictions_by_kind(text)
+    relation = kinds.pop("relation", None)
+    if relation:
+        axis = AXIS[parse_caption(text).relation]
+        kinds["direction"] = [c for c in relation if AXIS[parse_caption(c).relation] == axis]
+        kinds["axis"] = [c for c in relation if AXIS[parse_caption(c).relation] != axis]
+    return kinds

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from brushwork.data.captions import contradictions_by_kind
+from brushwork.data.captions import contradictions_by_direction_and_axis
 from brushwork.errors import BrushworkError
 from brushwork.generation.output import from_model_range, to_pil
 from brushwork.train.attention_loss import RegionTargets, install_recorder
@@ -101,8 +101,9 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
 
 def near_miss_texts(texts: list[str], share: float, generator: torch.Generator) -> tuple[list[str], list[int]]:
     """For a share of the captions (those in the shapes grammar), one near miss per kind of change (shape,
-    colour, size, count, relation; brushwork.data.captions.contradictions_by_kind), drawn with `generator`:
-    (near misses, index of the caption each belongs to)."""
+    colour, size, count, the relation's direction, its axis; brushwork.data.captions.
+    contradictions_by_direction_and_axis), drawn with `generator`: (near misses, index of the caption each
+    belongs to)."""
     if share <= 0:
         return [], []
     draws = torch.rand(len(texts), generator=generator, device=generator.device).tolist()
@@ -110,7 +111,7 @@ def near_miss_texts(texts: list[str], share: float, generator: torch.Generator) 
     for i, (text, draw) in enumerate(zip(texts, draws)):
         if draw >= share:
             continue
-        for captions in contradictions_by_kind(text).values():
+        for captions in contradictions_by_direction_and_axis(text).values():
             pick = int(torch.randint(len(captions), (1,), generator=generator, device=generator.device))
             near_misses.append(captions[pick])
             owners.append(i)
@@ -125,13 +126,14 @@ class ClipStage(BaseStage):
     identical captions as negatives.
 
     With `hard_negatives` > 0 (shapes captions only), that share of the images also meets one near miss of
-    its caption per kind of change (near_miss_texts) among the captions it must not pick, as NegCLIP does,
-    and the text tower is asked to keep each near miss's embedding apart from its caption's (cosine at most
-    NEAR_MISS_MARGIN). Without both, nothing keeps "above" from "below": the batch's other captions almost
-    always differ in colour, the vision tower does not learn relations, and the text tower learns to ignore
-    the word. The `shapes` text encoder shipped until 2026-11-29 so gave "a red circle above a blue square"
-    and "... below ..." pooled features 0.10 apart, against 17 for another colour. Near misses alone (NegCLIP) did not change that here: the image side stays blind while
-    the text side is, and the other way round; the text-side term breaks the tie.
+    its caption per kind of change (near_miss_texts: the relation's direction and its axis count as two kinds)
+    among the captions it must not pick, as NegCLIP does, and the text tower is asked to keep each near miss's
+    embedding apart from its caption's (cosine at most NEAR_MISS_MARGIN). Without both, nothing keeps "above"
+    from "below": the batch's other captions almost always differ in colour, the vision tower does not learn
+    relations, and the text tower learns to ignore the word. The `shapes` text encoder shipped until
+    2026-11-29 so gave "a red circle above a blue square" and "... below ..." pooled features 0.10 apart,
+    against 17 for another colour. Near misses alone (NegCLIP) did not change that here: the image side stays
+    blind while the text side is, and the other way round; the text-side term breaks the tie.
     """
 
     name = "clip"
