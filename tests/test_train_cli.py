@@ -471,3 +471,33 @@ def test_attention_loss_is_on_for_shapes_regions_and_says_when_the_data_has_none
     assert result.exit_code == 0 and "without the attention loss" not in result.output, result.output
     logged = json.loads((runs_folder(shapes) / "unet" / "log.jsonl").read_text().splitlines()[-1])
     assert 0 < logged["attention"] <= 1
+
+
+def test_export_writes_a_unet_checkpoint_as_a_pipeline(model, tmp_path):
+    runs = runs_folder(model)
+    last = sorted((runs / "unet" / "checkpoints").glob("step-*"))[-1]
+    result = _train("export", str(last), "--out", str(tmp_path / "exported"))
+    assert result.exit_code == 0, result.output
+    exported = StableDiffusionPipeline.from_pretrained(tmp_path / "exported")
+    final = StableDiffusionPipeline.from_pretrained(model)
+    # the run's last checkpoint is the model the run ended with: the same EMA weights and sampling schedule
+    assert final.unet.state_dict().keys() == exported.unet.state_dict().keys()
+    assert all(torch.equal(a, exported.unet.state_dict()[k]) for k, a in final.unet.state_dict().items())
+    assert dict(exported.scheduler.config) == dict(final.scheduler.config)
+    assert (tmp_path / "exported" / "clip").is_dir()
+    facts = json.loads((tmp_path / "exported" / "training.json").read_text())
+    assert facts["exported_checkpoint"]["step"] == json.loads((last / "state.json").read_text())["step"]
+    assert _train("export", str(last), "--out", str(tmp_path / "raw"), "--raw").exit_code == 0
+    raw = UNet2DConditionModel.from_pretrained(tmp_path / "raw" / "unet")
+    assert not all(torch.equal(a, raw.state_dict()[k]) for k, a in final.unet.state_dict().items())
+
+    for args, message in [
+        ([str(last), "--out", str(tmp_path / "exported")], "is not an empty folder"),
+        ([str(sorted((runs / "vae" / "checkpoints").glob("step-*"))[-1]), "--out", str(tmp_path / "v")],
+         "checkpoint of the vae stage"),
+        ([str(last), "--out", str(tmp_path / "m"), "--model", str(tmp_path)], "has no text_encoder, tokenizer, vae/"),
+        ([str(tmp_path), "--out", str(tmp_path / "n")], "state.json is missing"),
+    ]:
+        result = _train("export", *args)
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "raw"]   # nothing half-written

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import diffusers
 import torch
 import transformers
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_model
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.captions import has_near_misses, require_near_misses
@@ -36,7 +38,8 @@ from brushwork.generation.registry import resolve_model
 from brushwork.hardware import require_cpp_compiler
 from brushwork.models.sizes import ModelSize, build_clip, build_unet, build_vae, count_parameters, get_size
 from brushwork.tokenizer import train_tokenizer
-from brushwork.train.loop import LR_SCHEDULES, TrainConfig, check_report_to, check_writable, list_checkpoints, process_state, run
+from brushwork.train.loop import (LR_SCHEDULES, TrainConfig, check_report_to, check_writable, checkpoint_problem,
+                                  list_checkpoints, process_state, run)
 from brushwork.train.options import STAGES, RecipeConfig, runs_folder
 from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
@@ -511,6 +514,57 @@ def initial_unet(model: Path, text_encoder: CLIPTextModel, vae: AutoencoderKL) -
         detail = ", ".join(f"{k} {a} where this model needs {b}" for k, (a, b) in wrong.items())
         raise BrushworkError(f"the UNet in {model} does not fit this model's text encoder and VAE ({detail}).")
     return unet
+
+
+def export_checkpoint(checkpoint: Path, out: Path, model: Path | None = None, ema: bool = True) -> Path:
+    """Writes a UNet-stage checkpoint (MODEL.runs/unet/checkpoints/step-N) as a pipeline folder with MODEL's text
+    encoder, tokenizer and VAE, so that generate, eval and serve take a run's model before the run ends. The UNet
+    config and noise schedule come from the checkpoint's own state.json; the folder is written beside `out` and
+    renamed into place."""
+    checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    problem, _ = checkpoint_problem(checkpoint, [], ema=False)
+    state = {} if problem else json.loads((checkpoint / "state.json").read_text())
+    if state and state.get("stage") != "unet":
+        raise BrushworkError(f"{checkpoint} is a checkpoint of the {state.get('stage', 'unknown')} stage; only the "
+                             f"UNet stage's checkpoints make a pipeline.")
+    problem = problem or checkpoint_problem(checkpoint, ["unet"], ema)[0]
+    if problem:
+        raise BrushworkError(f"{checkpoint} is not a usable UNet checkpoint: {problem}. Give a step-N folder under "
+                             f"MODEL.runs/unet/checkpoints.")
+    fingerprint = state.get("fingerprint", {})
+    runs = checkpoint.parent.parent.parent
+    if model is None:   # MODEL.runs/ beside the model, or MODEL/runs/ inside an older one
+        model = runs.with_name(runs.name.removesuffix(".runs")) if runs.name.endswith(".runs") else runs.parent
+    model = Path(model).expanduser()
+    missing = [part for part in ("text_encoder", "tokenizer", "vae") if not (model / part).is_dir()]
+    if missing:
+        raise BrushworkError(f"{model} has no {', '.join(missing)}/: pass --model, the folder the UNet trained in.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BrushworkError(f"{out} is not an empty folder: choose a new one.")
+    unet = UNet2DConditionModel.from_config(fingerprint["unet"])
+    load_model(unet, str(checkpoint / f"{'ema-' if ema else ''}unet.safetensors"))
+    pipeline = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(model / "vae"),
+                                       text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder"),
+                                       tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"), unet=unet,
+                                       scheduler=inference_scheduler(fingerprint["schedule"]), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    facts_path = model / "training.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    facts["exported_checkpoint"] = {"path": str(checkpoint.resolve()), "step": state["step"],
+                                    "weights": "ema" if ema else "raw"}
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        pipeline.save_pretrained(staging)
+        (staging / "training.json").write_text(json.dumps(facts, indent=2))
+        if (model / "clip").is_dir():
+            shutil.copytree(model / "clip", staging / "clip")
+        staging.replace(out)
+    except OSError as error:
+        raise BrushworkError(f"cannot write {out}: {error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def _init_facts(model: str) -> dict:
