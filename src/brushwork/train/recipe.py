@@ -522,16 +522,19 @@ def export_checkpoint(checkpoint: Path, out: Path, model: Path | None = None, em
     config and noise schedule come from the checkpoint's own state.json; the folder is written beside `out` and
     renamed into place."""
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
-    problem, _ = checkpoint_problem(checkpoint, [], ema=False)
-    state = {} if problem else json.loads((checkpoint / "state.json").read_text())
-    if state and state.get("stage") != "unet":
-        raise BrushworkError(f"{checkpoint} is a checkpoint of the {state.get('stage', 'unknown')} stage; only the "
-                             f"UNet stage's checkpoints make a pipeline.")
-    problem = problem or checkpoint_problem(checkpoint, ["unet"], ema)[0]
+    try:   # the stage first: another stage's checkpoint lacks unet.safetensors, which would be a worse message
+        stage = json.loads((checkpoint / "state.json").read_text()).get("stage", "unet")
+    except (OSError, ValueError, AttributeError):
+        stage = "unet"   # checkpoint_problem names what is wrong with state.json
+    if stage != "unet":
+        raise BrushworkError(f"{checkpoint} is a checkpoint of the {stage} stage; only the UNet stage's checkpoints "
+                             f"make a pipeline.")
+    problem, _ = checkpoint_problem(checkpoint, ["unet"], ema)
     if problem:
         raise BrushworkError(f"{checkpoint} is not a usable UNet checkpoint: {problem}. Give a step-N folder under "
                              f"MODEL.runs/unet/checkpoints.")
-    fingerprint = state.get("fingerprint", {})
+    state = json.loads((checkpoint / "state.json").read_text())
+    fingerprint = state["fingerprint"]
     runs = checkpoint.parent.parent.parent
     if model is None:   # MODEL.runs/ beside the model, or MODEL/runs/ inside an older one
         model = runs.with_name(runs.name.removesuffix(".runs")) if runs.name.endswith(".runs") else runs.parent
