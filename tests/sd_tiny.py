@@ -117,7 +117,8 @@ def add_tiny_clip(path: Path) -> Path:
 def build_tiny_lcm(path: Path, version: str = "v1") -> Path:
     """build_tiny_sd's model with the student UNet and LCMScheduler of `brushwork train distill`, untrained: its
     guidance projection is random (not zero, as distillation starts it), so that the guidance changes the image."""
-    from brushwork.train.distill import lcm_scheduler, student_unet
+    from brushwork.train.distill import student_unet
+    from brushwork.train.stages import lcm_scheduler
 
     sd = StableDiffusionPipeline.from_pretrained(build_tiny_sd(path, version))
     unet = student_unet(sd.unet)

@@ -85,6 +85,28 @@ def test_resume_goes_on_exactly(teacher, distilled, tmp_path):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_export_writes_a_distill_checkpoint_as_a_few_step_pipeline(teacher, distilled, tmp_path):
+    last = sorted((teacher.parent / "fast.runs" / "distill" / "checkpoints").glob("step-*"))[-1]
+    result = runner.invoke(app, ["train", "export", str(last), "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output   # the finished run's folder has the teacher's encoders
+    exported = LatentConsistencyModelPipeline.from_pretrained(tmp_path / "exported", safety_checker=None)
+    final = LatentConsistencyModelPipeline.from_pretrained(distilled, safety_checker=None)
+    # the last checkpoint is the model the run ended with: the student's EMA UNet (not its target network)
+    assert all(torch.equal(a, exported.unet.state_dict()[k]) for k, a in final.unet.state_dict().items())
+    assert dict(exported.scheduler.config) == dict(final.scheduler.config)
+    assert json.loads((tmp_path / "exported" / "training.json").read_text())["kind"] == "lcm"
+
+    mid_run = shutil.copytree(last.parent.parent.parent, tmp_path / "going.runs")
+    checkpoint = sorted((mid_run / "distill" / "checkpoints").glob("step-*"))[0]
+    result = runner.invoke(app, ["train", "export", str(checkpoint), "--out", str(tmp_path / "early")])
+    assert result.exit_code == 1 and "pass --model, the teacher" in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["train", "export", str(checkpoint), "--out", str(tmp_path / "early"),
+                                 "--model", str(teacher)])
+    assert result.exit_code == 0, result.output
+    pipe = BrushworkPipeline.from_pretrained(tmp_path / "early", device="cpu", dtype=torch.float32)
+    assert pipe.resolve_steps(None) == 4 and np.asarray(pipe("a red circle", seed=1).images[0]).std() > 1
+
+
 def test_brushwork_and_diffusers_make_the_same_pixels(fast):
     pipe = BrushworkPipeline.from_pretrained(fast, device="cpu", dtype=torch.float32)
     calls = []

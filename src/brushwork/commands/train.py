@@ -1,5 +1,5 @@
 """`brushwork train ...`: the whole recipe (tokenizer → CLIP → VAE → UNet), one stage of it, or a GAN; and `train
-export`, which writes a UNet checkpoint of a run as a pipeline folder.
+export`, which writes a UNet or distillation checkpoint of a run as a pipeline folder.
 
 Every option is a field of RecipeConfig or GanTrainConfig, which holds its default, help text and flag
 (train/options.py). Typer reads options from function signatures, so each command lists the options it takes,
@@ -18,7 +18,7 @@ from brushwork.train.options import STAGES, DistillConfig, GanTrainConfig, Recip
 app = typer.Typer(
     help="Train a text-to-image model on an image-caption data set: the whole recipe, or one stage "
     "(clip, vae, unet) into an existing model folder; a GAN; distil a diffusion model into a few-step one; or "
-    "export a UNet checkpoint of a run as a model folder.",
+    "export a UNet or distillation checkpoint of a run as a model folder.",
     no_args_is_help=True,
     invoke_without_command=True,
 )
@@ -345,14 +345,16 @@ def distill(
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="A step-N folder under MODEL.runs/unet/checkpoints."),
+    checkpoint: Path = typer.Argument(..., help="A step-N folder under MODEL.runs/unet/checkpoints or "
+                                      "MODEL.runs/distill/checkpoints."),
     out: Path = typer.Option(..., "--out", help="The pipeline folder to write (new or empty)."),
-    model: Path | None = typer.Option(None, "--model", help="The folder the UNet trains in, for its text encoder, "
-                                      "tokenizer and VAE (default: MODEL of MODEL.runs)."),
+    model: Path | None = typer.Option(None, "--model", help="The folder the UNet trains in, or a distillation's "
+                                      "teacher, for the text encoder, tokenizer and VAE (default: MODEL of MODEL.runs)."),
     raw: bool = typer.Option(False, "--raw", help="The trained weights instead of their EMA (what a run writes "
                              "when it ends)."),
 ) -> None:
-    """Write a UNet checkpoint of a run, finished or not, as a pipeline folder that generate, eval and serve take."""
+    """Write a UNet or distillation checkpoint of a run, finished or not, as a pipeline folder that generate, eval
+    and serve take."""
     from brushwork.generation.loading import quiet_libraries
     from brushwork.train.recipe import export_checkpoint
 

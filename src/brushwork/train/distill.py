@@ -42,7 +42,7 @@ from brushwork.models.sizes import count_parameters
 from brushwork.train.loop import TrainConfig, check_report_to, run
 from brushwork.train.options import DistillConfig, runs_folder, settings, stop_time
 from brushwork.train.recipe import card_name, data_line, describe_machine, front_matter, machine_facts
-from brushwork.train.stages import LatentTextStage, _randn, _unwrap, _validation_items, image_grid
+from brushwork.train.stages import LatentTextStage, _randn, _unwrap, _validation_items, image_grid, lcm_scheduler
 
 W_EMBEDDING_DIM = 256          # the student's time_cond_proj_dim, as in diffusers' LCM models
 SAMPLE_STEPS = (1, 2, 4)       # the rows of a sample grid
@@ -76,15 +76,6 @@ def student_unet(teacher: UNet2DConditionModel) -> UNet2DConditionModel:
                              f"{unexpected}).")
     nn.init.zeros_(unet.time_embedding.cond_proj.weight)
     return unet
-
-
-def lcm_scheduler(scheduler_config: dict, solver_steps: int) -> LCMScheduler:
-    """The teacher's noise schedule and prediction type as an LCMScheduler whose grid is the solver's. Only
-    LCMScheduler's own settings are kept: the teacher's sampler-specific ones would be saved too, and every load of
-    the folder would warn about them."""
-    own, _, _ = LCMScheduler.extract_init_dict(dict(scheduler_config))
-    return LCMScheduler(**{**own, "original_inference_steps": solver_steps, "timestep_scaling": 10.0,
-                           "clip_sample": False})
 
 
 def predicted_x0(output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,

@@ -25,8 +25,8 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import load_model
+from diffusers import AutoencoderKL, LatentConsistencyModelPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, load_model
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from brushwork.data.captions import has_near_misses, require_near_misses
@@ -41,7 +41,7 @@ from brushwork.tokenizer import train_tokenizer
 from brushwork.train.loop import (LR_SCHEDULES, TrainConfig, check_report_to, check_writable, checkpoint_problem,
                                   list_checkpoints, process_state, run)
 from brushwork.train.options import STAGES, RecipeConfig, runs_folder
-from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, noise_schedule,
+from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_scheduler, lcm_scheduler, noise_schedule,
                                     normalize_latents, text_encoder_from_clip)
 
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
@@ -517,44 +517,57 @@ def initial_unet(model: Path, text_encoder: CLIPTextModel, vae: AutoencoderKL) -
 
 
 def export_checkpoint(checkpoint: Path, out: Path, model: Path | None = None, ema: bool = True) -> Path:
-    """Writes a UNet-stage checkpoint (MODEL.runs/unet/checkpoints/step-N) as a pipeline folder with MODEL's text
-    encoder, tokenizer and VAE, so that generate, eval and serve take a run's model before the run ends. The UNet
-    config and noise schedule come from the checkpoint's own state.json; the folder is written beside `out` and
-    renamed into place."""
+    """Writes a checkpoint of the UNet stage (MODEL.runs/unet/checkpoints/step-N) or of `train distill`
+    (MODEL.runs/distill/checkpoints/step-N) as a pipeline folder with MODEL's text encoder, tokenizer and VAE, so
+    that generate, eval and serve take a run's model before the run ends. The UNet config and noise schedule come
+    from the checkpoint's own state.json; the folder is written beside `out` and renamed into place."""
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
-    try:   # the stage first: another stage's checkpoint lacks unet.safetensors, which would be a worse message
+    try:   # the stage first: another stage's checkpoint lacks the UNet's weights, which would be a worse message
         stage = json.loads((checkpoint / "state.json").read_text()).get("stage", "unet")
     except (OSError, ValueError, AttributeError):
         stage = "unet"   # checkpoint_problem names what is wrong with state.json
-    if stage != "unet":
-        raise BrushworkError(f"{checkpoint} is a checkpoint of the {stage} stage; only the UNet stage's checkpoints "
-                             f"make a pipeline.")
-    problem, _ = checkpoint_problem(checkpoint, ["unet"], ema)
+    if stage not in ("unet", "distill"):
+        raise BrushworkError(f"{checkpoint} is a checkpoint of the {stage} stage; only the checkpoints of the UNet "
+                             f"stage and of train distill make a pipeline.")
+    weights = "unet" if stage == "unet" else "student"
+    problem, _ = checkpoint_problem(checkpoint, [weights], ema)
     if problem:
-        raise BrushworkError(f"{checkpoint} is not a usable UNet checkpoint: {problem}. Give a step-N folder under "
-                             f"MODEL.runs/unet/checkpoints.")
+        raise BrushworkError(f"{checkpoint} is not a usable {stage} checkpoint: {problem}. Give a step-N folder under "
+                             f"MODEL.runs/{stage}/checkpoints.")
     state = json.loads((checkpoint / "state.json").read_text())
     fingerprint = state["fingerprint"]
     runs = checkpoint.parent.parent.parent
     if model is None:   # MODEL.runs/ beside the model, or MODEL/runs/ inside an older one
         model = runs.with_name(runs.name.removesuffix(".runs")) if runs.name.endswith(".runs") else runs.parent
-    model = Path(model).expanduser()
+    model = resolve_model(model)   # a teacher may be a shipped name
     missing = [part for part in ("text_encoder", "tokenizer", "vae") if not (model / part).is_dir()]
     if missing:
-        raise BrushworkError(f"{model} has no {', '.join(missing)}/: pass --model, the folder the UNet trained in.")
+        source = "the folder the UNet trained in" if stage == "unet" else "the teacher (a distillation writes its " \
+                 "own folder only when it ends)"
+        raise BrushworkError(f"{model} has no {', '.join(missing)}/: pass --model, {source}.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BrushworkError(f"{out} is not an empty folder: choose a new one.")
     unet = UNet2DConditionModel.from_config(fingerprint["unet"])
-    load_model(unet, str(checkpoint / f"{'ema-' if ema else ''}unet.safetensors"))
-    pipeline = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(model / "vae"),
-                                       text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder"),
-                                       tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"), unet=unet,
-                                       scheduler=inference_scheduler(fingerprint["schedule"]), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    parts = dict(vae=AutoencoderKL.from_pretrained(model / "vae").float(),   # a shipped model's are fp16
+                 text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder").float(),
+                 tokenizer=CLIPTokenizer.from_pretrained(model / "tokenizer"), unet=unet, safety_checker=None,
+                 feature_extractor=None, requires_safety_checker=False)
+    weights_file = checkpoint / f"{'ema-' if ema else ''}{weights}.safetensors"
+    if stage == "unet":
+        load_model(unet, str(weights_file))
+        pipeline = StableDiffusionPipeline(**parts, scheduler=inference_scheduler(fingerprint["schedule"]))
+    else:
+        student = load_file(weights_file)   # the student and its target network: keep the student's UNet
+        unet.load_state_dict({name.removeprefix("unet."): tensor for name, tensor in student.items()
+                              if name.startswith("unet.")})
+        pipeline = LatentConsistencyModelPipeline(**parts, scheduler=lcm_scheduler(fingerprint["schedule"],
+                                                                                   fingerprint["solver_steps"]))
     facts_path = model / "training.json"
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
     facts["exported_checkpoint"] = {"path": str(checkpoint.resolve()), "step": state["step"],
                                     "weights": "ema" if ema else "raw"}
+    if stage == "distill":
+        facts |= {"kind": "lcm", "teacher": str(model)}
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,8 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
 from diffusers.utils import make_image_grid
 from PIL import Image
@@ -88,6 +88,15 @@ def inference_scheduler(schedule: dict) -> DPMSolverMultistepScheduler:
     scheduler = DPMSolverMultistepScheduler(**schedule, steps_offset=1)
     scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
     return scheduler
+
+
+def lcm_scheduler(scheduler_config: dict, solver_steps: int) -> LCMScheduler:
+    """The teacher's noise schedule and prediction type as an LCMScheduler whose grid is the solver's. Only
+    LCMScheduler's own settings are kept: the teacher's sampler-specific ones would be saved too, and every load of
+    the folder would warn about them."""
+    own, _, _ = LCMScheduler.extract_init_dict(dict(scheduler_config))
+    return LCMScheduler(**{**own, "original_inference_steps": solver_steps, "timestep_scaling": 10.0,
+                           "clip_sample": False})
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
