@@ -497,6 +497,7 @@ def test_export_writes_a_unet_checkpoint_as_a_pipeline(model, tmp_path):
          "checkpoint of the vae stage"),
         ([str(last), "--out", str(tmp_path / "m"), "--model", str(tmp_path)], "has no text_encoder, tokenizer, vae/"),
         ([str(tmp_path), "--out", str(tmp_path / "n")], "state.json is missing"),
+        ([str(last.parent / "step-7"), "--out", str(tmp_path / "n")], "is not a folder; the checkpoints in"),
     ]:
         result = _train("export", *args)
         assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output

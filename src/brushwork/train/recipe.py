@@ -522,18 +522,23 @@ def export_checkpoint(checkpoint: Path, out: Path, model: Path | None = None, em
     that generate, eval and serve take a run's model before the run ends. The UNet config and noise schedule come
     from the checkpoint's own state.json; the folder is written beside `out` and renamed into place."""
     checkpoint, out = Path(checkpoint).expanduser(), Path(out).expanduser()
+    if not checkpoint.is_dir():
+        beside = sorted(p.name for p in checkpoint.parent.glob("step-*") if p.is_dir())
+        there = f"; the checkpoints in {checkpoint.parent}: {', '.join(beside)}" if beside else ""
+        raise BrushworkError(f"{checkpoint} is not a folder{there}.")
     try:   # the stage first: another stage's checkpoint lacks the UNet's weights, which would be a worse message
         stage = json.loads((checkpoint / "state.json").read_text()).get("stage", "unet")
     except (OSError, ValueError, AttributeError):
-        stage = "unet"   # checkpoint_problem names what is wrong with state.json
-    if stage not in ("unet", "distill"):
+        stage = None   # checkpoint_problem names what is wrong with state.json
+    if stage is not None and stage not in ("unet", "distill"):
         raise BrushworkError(f"{checkpoint} is a checkpoint of the {stage} stage; only the checkpoints of the UNet "
                              f"stage and of train distill make a pipeline.")
-    weights = "unet" if stage == "unet" else "student"
+    weights = "student" if stage == "distill" else "unet"
     problem, _ = checkpoint_problem(checkpoint, [weights], ema)
     if problem:
-        raise BrushworkError(f"{checkpoint} is not a usable {stage} checkpoint: {problem}. Give a step-N folder under "
-                             f"MODEL.runs/{stage}/checkpoints.")
+        where = f"MODEL.runs/{stage}/checkpoints" if stage else \
+            "MODEL.runs/unet/checkpoints or MODEL.runs/distill/checkpoints"
+        raise BrushworkError(f"{checkpoint} is not a usable checkpoint: {problem}. Give a step-N folder under {where}.")
     state = json.loads((checkpoint / "state.json").read_text())
     fingerprint = state["fingerprint"]
     runs = checkpoint.parent.parent.parent
