@@ -349,7 +349,8 @@ def export(
                                       "MODEL.runs/distill/checkpoints."),
     out: Path = typer.Option(..., "--out", help="The pipeline folder to write (new or empty)."),
     model: Path | None = typer.Option(None, "--model", help="The folder the UNet trains in, or a distillation's "
-                                      "teacher, for the text encoder, tokenizer and VAE (default: MODEL of MODEL.runs)."),
+                                      "teacher, for the text encoder, tokenizer and VAE (default: MODEL of "
+                                      "MODEL.runs)."),
     raw: bool = typer.Option(False, "--raw", help="The trained weights instead of their EMA (what a run writes "
                              "when it ends)."),
 ) -> None:
