@@ -1,6 +1,7 @@
 """open_dataset: names and paths to tensors, the emoji cache, limits and errors; io writing and inspecting."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from brushwork.data.dataset import cache_root, open_dataset
 from brushwork.data.io import inspect_dataset, write_dataset, write_emoji, write_shapes
-from brushwork.data.shapes import ShapesDataset
+from brushwork.data.shapes import TRAIN_TASK_WEIGHTS, ShapesDataset
 from brushwork.errors import BrushworkError
 
 
@@ -24,13 +25,41 @@ def test_shapes_items_are_tensors_in_range_matching_the_source():
     item = dataset[2]
     assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].dtype == torch.float32
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
-    source = ShapesDataset(6, 3)[2]
+    source = ShapesDataset(6, 3, TRAIN_TASK_WEIGHTS)[2]
     assert item["text"] == source["text"]
     expected = torch.from_numpy(np.array(source["image"])).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(item["pixel_values"], expected)                     # 64 px: no resampling at all
-    assert list(dataset.captions()) == [ShapesDataset(6, 3)[i]["text"] for i in range(6)]
+    assert list(dataset.captions()) == [ShapesDataset(6, 3, TRAIN_TASK_WEIGHTS)[i]["text"] for i in range(6)]
     assert open_dataset("shapes", resolution=32, n=2)[0]["pixel_values"].shape == (3, 32, 32)
-    assert len(open_dataset("shapes")) == 100_000
+    assert len(open_dataset("shapes")) == 20_000
+
+
+def test_training_draws_position_twice_as_often_and_evaluation_draws_tasks_equally():
+    def shares(dataset):
+        tasks = Counter(dataset.source[i]["scene"].task for i in range(len(dataset)))
+        return {task: count / len(dataset) for task, count in tasks.items()}
+
+    training = shares(open_dataset("shapes", n=2000, seed=4))
+    assert training["position"] == pytest.approx(0.4, abs=0.04)
+    assert all(training[task] == pytest.approx(0.2, abs=0.03) for task in ("single", "two_objects", "counting"))
+    equal = shares(open_dataset("shapes", n=2000, seed=4, shapes_tasks=None))
+    assert all(share == pytest.approx(0.25, abs=0.03) for share in equal.values())
+
+
+def test_training_json_records_the_shapes_mix_and_creativity_draws_the_same_scenes():
+    from brushwork.data.dataset import data_facts
+    from brushwork.eval.creativity import training_data
+    from brushwork.train.recipe import data_line
+
+    trained = open_dataset("shapes", n=8, seed=5)
+    facts = {"data": "shapes", "n": 8, "seed": 5, "resolution": 64, "data_report": data_facts(trained)}
+    assert facts["data_report"]["shapes_tasks"] == TRAIN_TASK_WEIGHTS
+    assert "tasks single 1 : two_objects 1 : counting 1 : position 2" in data_line(facts)
+    assert list(training_data("shapes", facts, 64, None).captions()) == list(trained.captions())
+    equal = list(open_dataset("shapes", n=8, seed=5, shapes_tasks=None).captions())
+    assert equal != list(trained.captions())
+    del facts["data_report"]["shapes_tasks"]      # a model from before the mix was recorded drew the tasks equally
+    assert list(training_data("shapes", facts, 64, None).captions()) == equal
 
 
 def test_folder_and_limit(tmp_path):

@@ -10,12 +10,14 @@ import torch
 from brushwork.data.folder import DataOptions, FolderDataset, LoadReport
 from brushwork.data.holdout import read_hold_out
 from brushwork.data.io import write_emoji
-from brushwork.data.shapes import ShapesDataset
+from brushwork.data.shapes import TRAIN_TASK_WEIGHTS, ShapesDataset
 from brushwork.data.transforms import ImageTransform
 from brushwork.errors import BrushworkError
 
 NAMES = ("shapes", "emoji")
-SHAPES_DEFAULT_N = 100_000
+# 20,000 scenes, not more: a UNet stage encodes each item's latents once, when first drawn, and on 2 CPU cores that
+# halves its speed for the first epoch; 100,000 gave a 150-minute budget's UNet one slow epoch (docs/training.md).
+SHAPES_DEFAULT_N = 20_000
 SHAPES_CANVAS = 64   # the shapes contract is drawn at 64 px; other resolutions are resized by the transform
 ACCEPTED = ("'shapes', 'emoji', or a path: a folder of images with metadata.jsonl (file_name, text) "
             "or a .txt caption beside each image, a folder of such split folders (train/, test/), WebDataset "
@@ -57,16 +59,17 @@ def emoji_folder(size: int) -> Path:
 
 
 def open_source(spec: str | Path, resolution: int = 64, n: int | None = None, seed: int = 0,
-                options: DataOptions = DataOptions()) -> torch.utils.data.Dataset:
+                options: DataOptions = DataOptions(),
+                shapes_tasks: dict[str, float] | None = TRAIN_TASK_WEIGHTS) -> torch.utils.data.Dataset:
     """The raw source behind `spec`: items {"image": PIL.Image, "text": str, ...}, with a `.report`.
 
-    For shapes, n is the number of samples (default 100,000); other sources are read whole (n is applied
-    by ImageTextDataset).
+    For shapes, n is the number of samples (default 20,000) and shapes_tasks the share of each task (default: the
+    training draw, TRAIN_TASK_WEIGHTS; None: equal); other sources are read whole (n is applied by ImageTextDataset).
     """
     if resolution < 8:
         raise BrushworkError(f"resolution must be at least 8 px, got {resolution}")
     if spec == "shapes":
-        source = ShapesDataset(SHAPES_DEFAULT_N if n is None else n, seed, size=SHAPES_CANVAS)
+        source = ShapesDataset(SHAPES_DEFAULT_N if n is None else n, seed, shapes_tasks, size=SHAPES_CANVAS)
         source.report = LoadReport(loaded=len(source))
         return source
     if spec == "emoji":
@@ -112,8 +115,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
 def data_facts(data: ImageTextDataset) -> dict:
     """What training.json records of the data: its layout and split, the usable count, the problems found and the
-    hold-out it was written with (`data shapes --hold-out`)."""
+    hold-out it was written with (`data shapes --hold-out`); for the built-in shapes, its task weights."""
     facts = data.report.to_json()
+    if isinstance(data.source, ShapesDataset):
+        facts["shapes_tasks"] = data.source.task_weights
     source = getattr(data.source, "source", None)   # a FolderDataset's located source
     if source is not None:
         facts["layout"] = source.layout
@@ -140,10 +145,12 @@ def report_lines(spec: str, data: ImageTextDataset, limit: int = 20) -> list[str
 
 def open_dataset(spec: str, resolution: int = 64, n: int | None = None, seed: int = 0,
                  center_crop: bool = True, random_flip: bool = False,
-                 options: DataOptions = DataOptions()) -> ImageTextDataset:
+                 options: DataOptions = DataOptions(),
+                 shapes_tasks: dict[str, float] | None = TRAIN_TASK_WEIGHTS) -> ImageTextDataset:
     """A name ("shapes", "emoji") or a path (see ACCEPTED) as a Dataset of {"pixel_values", "text"} at
-    `resolution`. For shapes, n is the sample count (default 100,000) and seed picks the samples; for other
-    sources n keeps the first n items; `options` picks a split and columns. BrushworkError if missing or empty."""
-    source = open_source(spec, resolution, n, seed, options)
+    `resolution`. For shapes, n is the sample count (default 20,000), seed picks the samples and shapes_tasks
+    weights the tasks (see open_source); for other sources n keeps the first n items; `options` picks a split and
+    columns. BrushworkError if missing or empty."""
+    source = open_source(spec, resolution, n, seed, options, shapes_tasks)
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
     return ImageTextDataset(source, transform, limit=None if spec == "shapes" else n)

@@ -112,6 +112,11 @@ def relation_holds(a: _Placed, b: _Placed, relation: str, min_offset: float = MI
     raise ValueError(f"unknown relation {relation!r}; expected one of: {', '.join(RELATIONS)}")
 
 
+# The draw `brushwork train --data shapes` trains on: position scenes twice as often as each other task, since the
+# relation word is what the UNet learns last (docs/experiments.md: the UNets that read it trained on this mix).
+TRAIN_TASK_WEIGHTS: dict[str, float] = {"single": 1.0, "two_objects": 1.0, "counting": 1.0, "position": 2.0}
+
+
 def _task_weights(task_weights: dict[str, float] | None) -> list[float]:
     if task_weights is None:
         return [1.0] * len(TASKS)

@@ -84,9 +84,12 @@ def compositions(hold_out: HoldOut, prompts: list[str], tasks: list[str], passed
 
 def training_data(data: str, facts: dict, resolution: int, limit: int | None) -> ImageTextDataset:
     """The data set the copies are searched in: `data` (its first `limit` items). For `shapes`, the draw the model
-    trained on when its training.json says so (its n and seed), else the default 100,000 (seed 0)."""
+    trained on when its training.json says so (its n, seed and task weights; models from before the weights were
+    recorded drew the tasks equally), else the default number of scenes of the equal draw (seed 0)."""
     if data != "shapes":
         return open_dataset(data, resolution, n=limit)
-    trained = facts.get("data") == "shapes"
-    n = limit or (facts.get("n") if trained else None) or SHAPES_DEFAULT_N
-    return open_dataset("shapes", resolution, n=n, seed=facts.get("seed", 0) if trained else 0)
+    if facts.get("data") != "shapes":
+        return open_dataset("shapes", resolution, n=limit or SHAPES_DEFAULT_N, shapes_tasks=None)
+    tasks = (facts.get("data_report") or {}).get("shapes_tasks")
+    return open_dataset("shapes", resolution, n=limit or facts.get("n") or SHAPES_DEFAULT_N, seed=facts.get("seed", 0),
+                        shapes_tasks=tasks)

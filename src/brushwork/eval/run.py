@@ -102,7 +102,7 @@ def _shapes_prompts(n: int, seed: int, notes: list[str]) -> tuple[list[str], lis
 def _real_images(data: str, count: int, resolution: int, seed: int) -> tuple[list[Image.Image], list[str]]:
     """`count` real images with their captions (shapes: fresh scenes; other data: a seeded sample of items)."""
     if data == "shapes":
-        dataset = open_dataset("shapes", resolution, n=count, seed=seed + REAL_SEED_OFFSET)
+        dataset = open_dataset("shapes", resolution, n=count, seed=seed + REAL_SEED_OFFSET, shapes_tasks=None)
         indices = range(count)
     else:
         dataset = open_dataset(data, resolution)

@@ -47,7 +47,7 @@ class SharedConfig:
     out: Path | None = option(None, "--out", "-o", help="Model folder to write (diffusers layout).")
     batch_size: int | None = option(None, "--batch-size", help="Images per step, of every stage the command trains "
                                     "(default: the size's; the recipe's small: CLIP 64, VAE 16, UNet 64).")
-    n: int | None = option(None, "--n", help="Use this many items (shapes: images to draw; default 100000).")
+    n: int | None = option(None, "--n", help="Use this many items (shapes: images to draw; default 20000).")
     work: Path | None = option(None, "--work",
                                help="Folder for checkpoints, logs and samples (default: OUT.runs beside OUT).")
     resume: bool = option(False, "--resume", help="Continue an interrupted training in OUT.")

@@ -366,6 +366,8 @@ def data_line(facts: dict) -> str:
     if report.get("skipped"):
         kinds = ", ".join(f"{kind} {count}" for kind, count in report["reasons"].items())
         line += f"; {report['skipped']} skipped ({kinds}; training.json lists them)"
+    if report.get("shapes_tasks"):
+        line += "; tasks " + " : ".join(f"{task} {weight:g}" for task, weight in report["shapes_tasks"].items())
     if report.get("hold_out"):
         line += "; held out (never in training): " + ", ".join(f"`{text}`" for text in report["hold_out"])
     return line
@@ -452,7 +454,7 @@ def train_vae(p: Plan) -> AutoencoderKL:
 def shapes_reconstruction_accuracy(vae: AutoencoderKL, n: int = 256, seed: int = 1) -> float:
     """Share of held-out shapes images whose VAE reconstruction the exact shapes checker still passes: the
     ceiling for the whole model's prompt faithfulness (a colour the VAE cannot keep, the UNet cannot draw)."""
-    shapes = open_dataset("shapes", resolution=vae.config.sample_size, n=n, seed=seed)
+    shapes = open_dataset("shapes", resolution=vae.config.sample_size, n=n, seed=seed, shapes_tasks=None)
     device = next(vae.parameters()).device
     passed = 0
     for start in range(0, n, 64):
