@@ -307,6 +307,26 @@ def test_the_budget_is_split_across_the_stages_of_the_command(tmp_path):
     assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "o", max_minutes=0)).stop_at("unet") is None
 
 
+def test_the_budget_counts_from_the_command_start_not_from_planning(tmp_path, monkeypatch):
+    import time
+
+    from brushwork.train import recipe
+
+    planned = {}
+
+    def plan_late(config, stages, started=None):   # as if importing torch took 20 s before planning
+        planned["started"], planned["now"] = started, time.time() + 20
+        raise BrushworkError("planned")
+
+    monkeypatch.setattr(recipe, "plan", plan_late)
+    before = time.time()
+    result = _train(*TINY, "--out", str(tmp_path / "m"), "--max-minutes", "10")
+    assert result.exit_code == 1 and "planned" in result.output
+    assert before <= planned["started"] <= planned["now"] - 20   # the command's start, handed down
+    p = recipe.Plan(types.SimpleNamespace(max_minutes=10), planned["started"], None, None, dict(clip=1, vae=1, unet=1), {})
+    assert p.stop_at("unet") == pytest.approx(planned["started"] + 600 - 19.5)
+
+
 def test_compile_reaches_the_clip_and_unet_stages_only(tmp_path):
     from brushwork.train.recipe import RecipeConfig, _train_config, plan
 

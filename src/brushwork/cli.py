@@ -6,6 +6,7 @@ Nothing here imports torch, diffusers or transformers: each command imports them
 
 import io
 import sys
+import time
 import warnings
 
 import typer
@@ -13,6 +14,7 @@ from typer.core import TyperGroup
 
 from brushwork import __version__
 from brushwork.commands import data, eval, generate, push, serve, train
+from brushwork.commands.train import COMMAND_STARTED
 from brushwork.errors import BrushworkError
 
 
@@ -22,9 +24,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 class _Group(TyperGroup):
     """Turns BrushworkError from any subcommand into a `Error: ...` line on stderr and exit code 1, and
-    warnings into `Warning: ...` lines (no source file and line)."""
+    warnings into `Warning: ...` lines (no source file and line). Notes when the command started in ctx.meta
+    (COMMAND_STARTED), before a command imports torch: `train --max-minutes` counts from there."""
 
     def invoke(self, ctx):
+        ctx.meta.setdefault(COMMAND_STARTED, time.time())
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             try:

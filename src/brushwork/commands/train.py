@@ -8,6 +8,7 @@ one line each, and `cli_option` fills in the rest from the field: explicit, with
 
 import dataclasses
 import shlex
+import time
 from pathlib import Path
 
 import typer
@@ -25,6 +26,15 @@ app = typer.Typer(
 console = Console()
 
 STAGE_STEPS = "Steps of this stage (default: the size's)."
+
+
+COMMAND_STARTED = "brushwork.command_started"   # ctx.meta key, set by the top-level command group (cli.py)
+
+
+def command_started(ctx: typer.Context) -> float:
+    """When the `brushwork` command started (time.time()): --max-minutes counts the whole command, the ~15 s of
+    importing torch and diffusers on a slow CPU included."""
+    return ctx.meta.get(COMMAND_STARTED, time.time())
 
 
 def cli_option(config_class: type, name: str, *flags: str, help: str | None = None):
@@ -83,7 +93,7 @@ def _train_recipe(ctx: typer.Context, stages: tuple[str, ...], config_file: Path
 
     quiet_libraries()
 
-    folder = train_recipe(_config(ctx, RecipeConfig, config_file), stages)
+    folder = train_recipe(_config(ctx, RecipeConfig, config_file), stages, command_started(ctx))
     console.print(f"trained {', '.join(stages)} into {folder}")
 
 
@@ -296,7 +306,7 @@ def gan(
 
     quiet_libraries()
 
-    folder = train_gan(_config(ctx, GanTrainConfig, config_file, **renamed))
+    folder = train_gan(_config(ctx, GanTrainConfig, config_file, **renamed), command_started(ctx))
     console.print(f"trained a GAN into {folder}")
 
 
@@ -339,7 +349,7 @@ def distill(
 
     quiet_libraries()
 
-    folder = train_distill(_config(ctx, DistillConfig, config_file))
+    folder = train_distill(_config(ctx, DistillConfig, config_file), command_started(ctx))
     console.print(f"distilled {ctx.params['teacher']} into {folder}")
 
 

@@ -245,10 +245,10 @@ def _teacher_data(teacher: Path) -> tuple[str | None, int | None]:
     return facts.get("data"), facts.get("n")
 
 
-def train_distill(config: DistillConfig) -> Path:
+def train_distill(config: DistillConfig, started: float | None = None) -> Path:
     """Distil `config.teacher` into a few-step model; write the LatentConsistencyModelPipeline folder (the teacher's
     text encoder, tokenizer, VAE and clip/, the student's UNet, LCMScheduler, README.md and training.json)."""
-    command_started = time.time()
+    command_started = time.time() if started is None else started   # when --max-minutes counts from
     _check(config)
     teacher_path, teacher = load_teacher(config.teacher)
     spec, n = (config.data, config.n) if config.data else _teacher_data(teacher_path)

@@ -489,10 +489,10 @@ def _init_line(facts: dict) -> str:
     return f", after {before} of {source['checkpoint']}"
 
 
-def train_gan(config: GanTrainConfig) -> Path:
+def train_gan(config: GanTrainConfig, started: float | None = None) -> Path:
     """Train G and D on `config.data`, conditioned on the text encoder of `config.text_model`; write the GAN
     folder (config.json, model.safetensors, tokenizer/, text_encoder/, clip/ if present, README.md)."""
-    command_started = time.time()
+    command_started = time.time() if started is None else started   # when --max-minutes counts from
     size = gan_size(config.size)
     if config.loss not in LOSSES:
         raise BrushworkError(f"unknown GAN loss {config.loss!r}: choose one of {', '.join(LOSSES)}.")

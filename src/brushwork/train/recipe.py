@@ -124,9 +124,10 @@ def _resume_settings(config: RecipeConfig, stages: tuple[str, ...], size: ModelS
     return json.loads(json.dumps(settings, default=str))
 
 
-def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Plan:
-    """Check every input the user can get wrong, before any training starts; BrushworkError if one is off."""
-    started = time.time()
+def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES, started: float | None = None) -> Plan:
+    """Check every input the user can get wrong, before any training starts; BrushworkError if one is off.
+    `started` (time.time()) is when --max-minutes starts counting: by default now."""
+    started = time.time() if started is None else started
     if config.data is None or config.out is None:
         raise BrushworkError("--data and --out are required, e.g. brushwork train --data shapes --out my-model")
     size = get_size(config.size)
@@ -599,9 +600,10 @@ def _init_facts(model: str) -> dict:
             "train_time_s": source_unet.get("train_time_s")}
 
 
-def train(config: RecipeConfig, stages: tuple[str, ...] = STAGES) -> Path:
-    """Run `stages` of the recipe in order (all by default) into config.out; returns the model folder."""
-    p = plan(config, stages)
+def train(config: RecipeConfig, stages: tuple[str, ...] = STAGES, started: float | None = None) -> Path:
+    """Run `stages` of the recipe in order (all by default) into config.out; returns the model folder. `started`:
+    when the --max-minutes budget starts (time.time(); by default now)."""
+    p = plan(config, stages, started)
     for stage in stages:
         {"clip": train_clip, "vae": train_vae, "unet": train_unet}[stage](p)
     return p.out
