@@ -314,17 +314,16 @@ def test_the_budget_counts_from_the_command_start_not_from_planning(tmp_path, mo
 
     planned = {}
 
-    def plan_late(config, stages, started=None):   # as if importing torch took 20 s before planning
-        planned["started"], planned["now"] = started, time.time() + 20
+    def record_plan(config, stages, started=None):
+        planned["started"], planned["at"] = started, time.time()
         raise BrushworkError("planned")
 
-    monkeypatch.setattr(recipe, "plan", plan_late)
+    monkeypatch.setattr(recipe, "plan", record_plan)
     before = time.time()
     result = _train(*TINY, "--out", str(tmp_path / "m"), "--max-minutes", "10")
     assert result.exit_code == 1 and "planned" in result.output
-    assert before <= planned["started"] <= planned["now"] - 20   # the command's start, handed down
-    p = recipe.Plan(types.SimpleNamespace(max_minutes=10), planned["started"], None, None, dict(clip=1, vae=1, unet=1), {})
-    assert p.stop_at("unet") == pytest.approx(planned["started"] + 600 - 19.5)
+    # the command's start, noted before it imported torch and handed down: not None (which means "now")
+    assert planned["started"] is not None and before <= planned["started"] < planned["at"]
 
 
 def test_compile_reaches_the_clip_and_unet_stages_only(tmp_path):
