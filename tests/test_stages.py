@@ -204,6 +204,24 @@ def test_unet_loss_is_reproducible_and_uncached_path_agrees(unet_stage, data):
     assert loss_raw.item() == pytest.approx(loss_a.item(), rel=1e-2)
 
 
+def test_unet_calls_keep_one_shape_whatever_the_captions(unet_stage):
+    # what `--compile` relies on: a new input shape would make dynamo compile again (CLIP's batches do change shape)
+    shapes = set()
+    hook = unet_stage.unet.register_forward_pre_hook(
+        lambda module, args: shapes.add(tuple(tuple(a.shape) for a in args)))
+    cached = unet_stage.dataset()
+    captions = set()
+    try:
+        for start, dropout in ((0, 0.1), (8, 0.1), (16, 1.0)):   # the last batch: every caption empty
+            unet_stage.caption_dropout = dropout
+            batch = unet_stage.collate([cached[i] for i in range(start, start + 8)])
+            captions.update(len(unet_stage.tokenizer(t).input_ids) for t in batch["text"])
+            unet_stage.loss("main", unet_stage.modules(), batch, torch.Generator().manual_seed(start))
+    finally:
+        hook.remove()
+    assert len(captions) > 1 and len(shapes) == 1, shapes   # captions of several lengths, one call shape
+
+
 def test_caption_dropout_uses_the_empty_caption(unet_stage):
     seen = []
     original = unet_stage.text_embeddings

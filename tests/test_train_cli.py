@@ -326,12 +326,13 @@ def test_the_budget_counts_from_the_command_start_not_from_planning(tmp_path, mo
     assert planned["started"] is not None and before <= planned["started"] < planned["at"]
 
 
-def test_compile_reaches_the_clip_and_unet_stages_only(tmp_path):
+def test_compile_reaches_the_unet_stage_only(tmp_path):
     from brushwork.train.recipe import RecipeConfig, _train_config, plan
 
     compiled = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "m", compile=True))
+    # the VAE measured slower compiled; CLIP's batches change shape every step, so dynamo recompiles until it gives up
     assert {stage: _train_config(compiled, stage).compile for stage in ("clip", "vae", "unet")} == {
-        "clip": True, "vae": False, "unet": True}   # the VAE measured slower compiled
+        "clip": False, "vae": False, "unet": True}
     eager = plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n"))
     assert not any(_train_config(eager, stage).compile for stage in ("clip", "vae", "unet"))
 

@@ -114,9 +114,9 @@ class RecipeConfig(SharedConfig):
         0.1, "--attention-loss", help="Weight of the loss that asks each object's words to attend inside its region "
         "(used where the data has object regions: shapes has them); 0 turns it off.")
     compile: bool = option(
-        False, "--compile/--no-compile", help="Train the CLIP and UNet stages through torch.compile (needs a C++ "
-        "compiler): on a 2-core AVX2 CPU in fp32, 1.22x and 1.25x the images/s after a compile of about 1 and 4 "
-        "minutes, so it pays for stages of 20 minutes and more. The VAE stays eager (0.88x compiled).")
+        False, "--compile/--no-compile", help="Train the UNet stage through torch.compile (needs a C++ compiler): "
+        "on a 2-core AVX2 CPU in fp32, 1.25x the images/s after a compile of about 4 minutes, so it pays for a "
+        "UNet stage of 20 minutes and more. CLIP and the VAE stay eager (their batches change shape; 0.88x).")
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")
