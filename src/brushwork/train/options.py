@@ -116,7 +116,7 @@ class RecipeConfig(SharedConfig):
     compile: bool = option(
         False, "--compile/--no-compile", help="Train the UNet stage through torch.compile (needs a C++ compiler): "
         "on a 2-core AVX2 CPU in fp32, 1.25x the images/s after a compile of about 4 minutes, so it pays for a "
-        "UNet stage of 20 minutes and more. CLIP and the VAE stay eager (their batches change shape; 0.88x).")
+        "UNet stage of 20 minutes and more. CLIP stays eager (its batches change shape), as does the VAE (0.88x).")
     init_unet: str | None = option(
         None, "--init", help="Start from this model's UNet weights (a model folder or a shipped name such as "
         "'shapes') instead of random ones: fine-tuning.")
