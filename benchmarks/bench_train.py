@@ -1,7 +1,8 @@
 """Training throughput (images/s) of each stage at a model size, and what pays for the UNet on this machine.
 
 Part 1 runs each stage through brushwork.train.loop.run (the real loop: data, autocast, clipping, AdamW,
-EMA for the UNet) for --warmup + --steps steps and reports the loop's own images/s over the measured steps.
+EMA for the UNet) for --warmup + --steps steps and reports the loop's own images/s over the measured steps; the
+VAE on whole images and on the recipe's crops of half the side.
 Part 2 times bare UNet steps (forward, backward, AdamW) on fixed tensors: fp32 eager (the reference) against
 bf16 autocast, channels_last, 1 vs 2 threads and, with --compile, torch.compile.
 
@@ -90,8 +91,11 @@ def main() -> None:
                 run_dir = work / f"{precision}-{'compiled' if compiled else 'eager'}"
                 clip_rate = loop_throughput(ClipStage(data, tokenizer, clip), run_dir, batch_size,
                                             args.warmup, args.steps, **shared)
-                vae_stage = VaeStage(data, vae)
+                vae_stage = VaeStage(data, vae)   # whole images
                 vae_rate = loop_throughput(vae_stage, run_dir, batch_size, args.warmup, args.steps, **shared)
+                crop = size.resolution // 2   # the recipe's default --vae-crop
+                crop_rate = loop_throughput(VaeStage(data, build_vae(size), crop=crop), run_dir / "crops", batch_size,
+                                            args.warmup, args.steps, **shared)
                 normalize_latents(vae_stage.vae.eval(), data, num_samples=batch_size)
                 recipe = RecipeConfig(data="shapes", out="-")   # the recipe's UNet objective: v, zero SNR, attention loss
                 unet_stage = UnetStage(data, build_unet(size), text_encoder_from_clip(clip), tokenizer, vae_stage.vae,
@@ -105,7 +109,8 @@ def main() -> None:
                 unet_rate = loop_throughput(unet_stage, run_dir, batch_size, args.warmup, args.steps,
                                             ema_decay=0.999, **shared)
                 variant = f"{precision:4}{', compiled' if compiled else ''}"
-                print(f"loop, precision {variant}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s   "
+                print(f"loop, precision {variant}: clip {clip_rate:6.1f} img/s   vae {vae_rate:6.1f} img/s "
+                      f"(crops of {crop}: {crop_rate:6.1f}, x{crop_rate / vae_rate:.2f})   "
                       f"unet {unet_rate:6.1f} img/s (latent caching {cache_rate:.0f} img/s)", flush=True)
 
     hidden = size.clip_text["hidden_size"]

@@ -146,13 +146,17 @@ def test_a_time_budget_ends_the_lr_schedule_within_it(tmp_path):
     assert stopped.step < 500 and lrs[0] > 0.09 and lrs[-1] < 0.05
 
 
-def test_a_warmup_given_as_a_share_follows_the_schedule_the_budget_leaves(tmp_path):
-    # 500 warm-up steps of 10,000 would outlast the ~70 steps 1.5 s allows: as 5% it is a few steps of those.
-    stopped = run(ToyStage(delay=0.02), make_config(tmp_path, 10_000, log_every=5, checkpoint_every=0, lr=0.1,
-                                                    lr_schedule="cosine", warmup_steps=500, warmup_share=0.05,
-                                                    max_minutes=1.5 / 60))
+def test_a_warmup_given_as_a_share_follows_the_schedule_the_budget_leaves(tmp_path, monkeypatch):
+    # 500 warm-up steps of 10,000 would outlast the 75 steps 1.5 s allows: as 5% it is a few steps of those.
+    # The loop's clock moves 0.02 s a step, so a busy machine cannot change the outcome.
+    clock = Clock()
+    monkeypatch.setattr(loop, "time", clock)
+    stopped = run(ClockedStage(clock, seconds=0.02), make_config(
+        tmp_path, 10_000, log_every=5, checkpoint_every=0, lr=0.1, lr_schedule="cosine", warmup_steps=500,
+        warmup_share=0.05, max_minutes=1.5 / 60))
+    monkeypatch.undo()   # the run below has no budget, on the real clock
     lrs = [r["lr"] for r in read_log(stopped.log_path)]
-    assert stopped.step < 200 and max(lrs) > 0.09 and lrs[-1] < 0.05, lrs
+    assert 60 <= stopped.step <= 80 and max(lrs) > 0.09 and lrs[-1] < 0.05, lrs
     whole = run(ToyStage(), make_config(tmp_path / "whole", 40, log_every=1, checkpoint_every=0, lr=0.1,
                                         lr_schedule="linear", warmup_steps=500, warmup_share=0.05))
     assert [r["lr"] for r in read_log(whole.log_path)][:3] == pytest.approx([0.05, 0.1, 0.1 * 37 / 38])   # 2 of 40
@@ -193,14 +197,16 @@ class Clock:
 
 
 class ClockedStage(ToyStage):
-    """1 s a step for the first 10 steps (the schedule is fitted to that speed), then 0.97 s."""
+    """By default 1 s a step for the first 10 steps (the schedule is fitted to that speed), then 0.97 s; with
+    `seconds`, that long every step."""
 
-    def __init__(self, clock: Clock):
+    def __init__(self, clock: Clock, seconds: float | None = None):
         super().__init__()
         self.clock = clock
+        self.seconds = seconds
 
     def loss(self, *args):
-        self.clock.now += 1.0 if self.calls < 10 else 0.97
+        self.clock.now += self.seconds or (1.0 if self.calls < 10 else 0.97)
         return super().loss(*args)
 
 

@@ -136,6 +136,24 @@ def test_clip_learns_and_clamps_temperature(tokenizer, data, tmp_path):
     assert image.size == (8 * 64, 64 + 8 * 64)
 
 
+def test_vae_trains_on_random_crops_drawn_from_the_step_generator(data, tmp_path):
+    stage = VaeStage(data, build_vae(SIZE), crop=32)
+    seen = []
+    stage.trainable.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    batch = stage.collate([data[i] for i in range(8)])
+    for seed in (0, 0, 1):
+        stage.loss("main", stage.modules(), batch, torch.Generator().manual_seed(seed))
+    assert seen[0].shape == (8, 3, 32, 32)
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])   # the generator places them
+    for image, crop in zip(batch["pixel_values"], seen[2]):   # each is a window of its own image
+        windows = image.unfold(1, 32, 1).unfold(2, 32, 1)     # (3, 33, 33, 32, 32)
+        assert (windows == crop[:, None, None]).all(dim=(0, 3, 4)).any()
+    whole = VaeStage(data, build_vae(SIZE), crop=None)
+    whole.trainable.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    whole.loss("main", whole.modules(), batch, torch.Generator().manual_seed(0))
+    assert seen[-1].shape == (8, 3, 64, 64)
+
+
 def test_vae_trains_and_latents_are_normalised_per_channel(data, tmp_path):
     stage = VaeStage(data, build_vae(SIZE))
     result = run(stage, TrainConfig(tmp_path, max_steps=12, batch_size=8, lr=3e-3, log_every=4, mixed_precision="no"))

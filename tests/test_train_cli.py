@@ -107,6 +107,8 @@ def test_stages_one_at_a_time(tmp_path):
     (["--data", "/no/such/data", "--size", "tiny"], "unknown data set"),
     (["--data", "shapes", "--size", "tiny", "--resolution", "60"], "resolution 60"),
     (["--data", "shapes", "--size", "tiny", "--noise-schedule", "cubic"], "unknown noise schedule"),
+    (["--data", "shapes", "--size", "tiny", "--vae-crop", "30"], "--vae-crop 30 must be a multiple of 4"),
+    (["--data", "shapes", "--size", "tiny", "--vae-crop", "128"], "to the resolution, 64"),
 ])
 def test_bad_input_fails_before_training(tmp_path, args, message):
     result = _train(*args, "--out", str(tmp_path / "m"))
@@ -359,6 +361,14 @@ def test_each_stage_has_its_own_batch_and_batch_size_sets_them_all(tmp_path):
     assert given.batch_sizes == {"clip": 32, "vae": 32, "unet": 32}
     result = _train("--data", "shapes", "--n", "64", "--out", str(tmp_path / "o"), "--gradient-accumulation-steps", "32")
     assert result.exit_code == 1 and "The vae stage's batch of 16 images must be a multiple" in result.output
+
+
+def test_the_vae_trains_on_crops_of_half_the_resolution_by_default(tmp_path):
+    from brushwork.train.recipe import RecipeConfig, plan
+
+    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "m")).config.vae_crop == 32
+    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "n", resolution=128)).config.vae_crop == 64
+    assert plan(RecipeConfig(data="shapes", size="tiny", n=64, out=tmp_path / "o", vae_crop=64)).config.vae_crop == 64
 
 
 def test_a_negative_budget_is_refused(tmp_path):

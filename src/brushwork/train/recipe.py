@@ -47,7 +47,7 @@ from brushwork.train.stages import (ClipStage, UnetStage, VaeStage, inference_sc
 # Settings that change what a stage trains on or how: a resumed run must use the same ones.
 RESUME_KEYS = {"common": ("data", "split", "image_column", "caption_column", "n", "size", "resolution", "seed"),
                "clip": ("vocab_size", "hard_negatives"),
-               "vae": ("kl_weight", "reconstruction"),
+               "vae": ("kl_weight", "reconstruction", "vae_crop"),
                "unet": ("prediction_type", "beta_schedule", "zero_terminal_snr", "snr_gamma", "caption_dropout")}
 
 
@@ -141,6 +141,12 @@ def plan(config: RecipeConfig, stages: tuple[str, ...] = STAGES, started: float 
         raise BrushworkError(f"resolution {size.resolution} does not fit model size {size.name!r}: it must be a "
                              f"multiple of {vae_factor * unet_factor} (VAE and UNet downsampling) and of "
                              f"{size.clip_vision['patch_size']} (CLIP patch size), e.g. 64.")
+    if config.vae_crop is None:
+        config = dataclasses.replace(config, vae_crop=size.resolution // 2)
+    if not (vae_factor <= config.vae_crop <= size.resolution and config.vae_crop % vae_factor == 0):
+        raise BrushworkError(f"--vae-crop {config.vae_crop} must be a multiple of {vae_factor} (the VAE's "
+                             f"downsampling) from {vae_factor} to the resolution, {size.resolution}; e.g. "
+                             f"{size.resolution // 2}.")
     steps = {stage: getattr(config, f"steps_{stage}") or size.steps[stage] for stage in stages}
     batch_sizes = {stage: config.batch_size or size.batch_sizes[stage] for stage in stages}
     if min(batch_sizes.values()) < 1 or min(steps.values()) < 1:
@@ -436,7 +442,7 @@ def train_vae(p: Plan) -> AutoencoderKL:
     """VAE, then its latents normalised per channel on the data; writes vae/."""
     started = time.time()
     stage = VaeStage(p.data, build_vae(p.size, seed=p.config.seed), reconstruction=p.config.reconstruction,
-                     kl_weight=p.config.kl_weight)
+                     kl_weight=p.config.kl_weight, crop=p.config.vae_crop)
     result = run(stage, _train_config(p, "vae"))
     vae = result.modules["vae"].vae.eval()
     extra = {"latent_stats": normalize_latents(vae, p.data)}

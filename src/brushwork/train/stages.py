@@ -2,7 +2,7 @@
 
 - ClipStage: a CLIPModel trained contrastively on the data set's image–caption pairs. Its text tower
   becomes the generator's text encoder; its vision tower serves evaluation.
-- VaeStage: an AutoencoderKL trained on reconstruction with a small KL term; afterwards
+- VaeStage: an AutoencoderKL trained on reconstruction of random crops with a small KL term; afterwards
   `normalize_latents` makes its latents zero-mean and unit-variance per channel for the UNet.
 - UnetStage: a UNet2DConditionModel trained to denoise latents, conditioned on the frozen text encoder,
   with caption dropout for classifier-free guidance and min-SNR loss weighting.
@@ -250,7 +250,8 @@ class VaeStage(BaseStage):
 
     name = "vae"
 
-    def __init__(self, data: Dataset, vae: AutoencoderKL, reconstruction: str = "l1", kl_weight: float = 1e-6):
+    def __init__(self, data: Dataset, vae: AutoencoderKL, reconstruction: str = "l1", kl_weight: float = 1e-6,
+                 crop: int | None = None):
         if reconstruction not in ("l1", "mse"):
             raise BrushworkError(f"unknown VAE reconstruction loss {reconstruction!r}: choose l1 or mse.")
         self.data = data
@@ -258,6 +259,7 @@ class VaeStage(BaseStage):
         self.trainable = _VaeWithKL(vae)
         self.reconstruction = reconstruction
         self.kl_weight = kl_weight
+        self.crop = crop   # train on random crops of this side (None: whole images); it reconstructs whole ones after
 
     def modules(self) -> dict[str, nn.Module]:
         return {"vae": self.trainable}
@@ -270,6 +272,8 @@ class VaeStage(BaseStage):
 
     def loss(self, optimizer: str, modules: dict[str, nn.Module], batch: dict, generator: torch.Generator):
         images = batch["pixel_values"]
+        if self.crop is not None and self.crop < images.shape[-1]:
+            images = random_crops(images, self.crop, generator)
         reconstruction, kl = modules["vae"](images, generator)
         if self.reconstruction == "l1":
             reconstruction_loss = F.l1_loss(reconstruction.float(), images.float())
@@ -281,7 +285,7 @@ class VaeStage(BaseStage):
 
     def fingerprint(self) -> dict:
         return {"stage": self.name, "vae": dict(self.vae.config), "reconstruction": self.reconstruction,
-                "kl_weight": self.kl_weight, "data_size": len(self.data)}
+                "kl_weight": self.kl_weight, "crop": self.crop, "data_size": len(self.data)}
 
     @torch.no_grad()
     def sample(self, modules: dict[str, nn.Module], step: int) -> Image.Image:
@@ -327,6 +331,14 @@ def normalize_latents(vae: AutoencoderKL, data: Dataset, num_samples: int = 512,
     post.weight.copy_(weight * std[None, :, None, None])
     vae.register_to_config(scaling_factor=1.0)   # encode() returns unscaled latents; they are now the scaled ones
     return {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def random_crops(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One square crop of side `size` per image, at a place drawn from `generator` (so resume repeats it)."""
+    n, _, height, width = images.shape
+    top = torch.randint(0, height - size + 1, (n,), generator=generator, device=generator.device).tolist()
+    left = torch.randint(0, width - size + 1, (n,), generator=generator, device=generator.device).tolist()
+    return torch.stack([image[:, y:y + size, x:x + size] for image, y, x in zip(images, top, left)])
 
 
 def _randn(shape, generator: torch.Generator, device: torch.device) -> torch.Tensor:
